@@ -1,0 +1,94 @@
+"""The `curate` command line.
+
+Subcommands live in the module of the stage they run and are registered here by import path, so
+`curate --help` stays fast (torch, ray and faiss are imported only by the command that needs them).
+To add a command: write a click command in its stage module and add one line to a registry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+from curate import __version__
+
+# name -> ("module:attribute", one-line help shown by --help without importing the module)
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+POOL_COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+EVALSETS_COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when invoked."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy if lazy is not None else {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            target, _ = self.lazy[name]
+            module, attr = target.split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.lazy:
+                rows.append((name, self.lazy[name][1]))
+            else:
+                cmd = super().get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(formatter.width)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.version_option(__version__, prog_name="curate")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Curate DataComp-style image-text datasets and benchmark them.
+
+    \b
+    Data flow (each arrow is a subcommand):
+      urls.parquet --download--> POOL/ (webdataset shards + per-shard metadata)
+      POOL --embed--> POOL/embeddings/<model-id>/ (open_clip image/text embeddings, CLIP scores)
+      POOL --filter --recipe R.yaml--> SUBSET/ (subset.parquet, uids.npy, decisions ledger, report)
+      SUBSET --reshard--> SUBSET/shards --train --scale S--> RUN/ --evaluate--> RUN/eval_results.jsonl
+      RUN --submit--> leaderboard
+
+    Start with `curate pool build-offline --out work/pool` to get a real pool that works offline.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.group(cls=LazyGroup, lazy=POOL_COMMANDS)
+def pool() -> None:
+    """Build, serve and check image-text pools."""
+
+
+@main.group(cls=LazyGroup, lazy=EVALSETS_COMMANDS)
+def evalsets() -> None:
+    """Build or fetch zero-shot evaluation sets."""
+
+
+if __name__ == "__main__":
+    main()

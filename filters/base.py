@@ -92,8 +92,17 @@ class Filter:
     def __init__(self, params: Any):
         self.params = params
 
-    def setup(self) -> None:
-        """Load what the filter needs once per process (language model, WordNet)."""
+    def setup(self, context: dict[str, Any]) -> None:
+        """Load what the filter needs once per process (language-ID model, WordNet, target embeddings).
+
+        The runner calls it once before `apply`, with a context dict it fills (filters do no I/O of
+        their own beyond loading bundled resources):
+          ``pool``: pool directory (str); ``seed``: int; ``cache_dir``: str, a writable cache folder;
+          ``model_id``: embeddings folder name this step reads (when it uses embeddings);
+          ``embed_image_paths``: callable(list[str]) -> float32 array (n, d) of L2-normalised image
+          embeddings computed with the same model as the step's pool embeddings (for target sets
+          such as image_based's reference images or decontaminate's evaluation images).
+        """
 
     def apply(self, batch: Batch) -> StepResult:  # pragma: no cover - interface
         raise NotImplementedError

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("curate.serve:serve_cmd", "Serve a pool's www/ folder over loopback HTTP (the offline stand-in for the web)."),
 }
 
 EVALSETS_COMMANDS: dict[str, tuple[str, str]] = {

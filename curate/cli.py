@@ -16,6 +16,7 @@ from curate import __version__
 
 # name -> ("module:attribute", one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {

@@ -16,6 +16,8 @@ from curate import __version__
 
 # name -> ("module:attribute", one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "reshard": ("curate.reshard:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
+    "train": ("benchmark.train:train_cmd", "Train CLIP on SUBSET/shards at a fixed-hyperparameter scale (DataComp protocol)."),
     "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
 }
 

@@ -16,9 +16,12 @@ from curate import __version__
 
 # name -> ("module:attribute", one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
     "reshard": ("curate.reshard:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
     "train": ("benchmark.train:train_cmd", "Train CLIP on SUBSET/shards at a fixed-hyperparameter scale (DataComp protocol)."),
-    "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
+    "submit": ("benchmark.submit:submit_command", "Pack a finished RUN into a verifiable submission bundle."),
+    "verify": ("benchmark.submit:verify_command", "Check a submission bundle against a pool (uids, size, hashes, hyperparameters)."),
+    "leaderboard": ("benchmark.leaderboard:leaderboard_command", "Local DuckDB leaderboard: ranking, --compare A B, --html."),
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {

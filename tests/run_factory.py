@@ -1,0 +1,59 @@
+"""Build SUBSET and RUN directories in the formats the brief fixes, for submit/leaderboard tests.
+
+    SUBSET/uids.npy, subset.parquet, manifest.json (recipe + hash, counts per step), decisions.parquet
+    RUN/info.json (scale, subset path/hash, seed, arch, versions, official flag, hyperparameters),
+    RUN/checkpoints/*.pt (a few bytes: submit never loads it), RUN/eval_results.jsonl (one line per task)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from curate import atomic, uids as uidlib
+
+def official_hparams(scale: str = "debug") -> dict:
+    """The scale's fixed hyperparameters, as the trainer records them in info.json."""
+    from benchmark.scales import get_scale
+
+    return get_scale(scale).as_dict()
+
+
+def make_subset(dir: Path, uids: list[str], name: str = "my_recipe") -> Path:
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    uidlib.save(dir / "uids.npy", uids)
+    atomic.write_parquet(dir / "subset.parquet", pa.table({"uid": pa.array(sorted(uids), pa.string())}))
+    recipe = f"name: {name}\nsteps:\n  - basic: {{min_words: 1}}\n"
+    atomic.write_text(dir / "recipe.yaml", recipe)
+    atomic.write_json(dir / "manifest.json", {
+        "recipe": {"name": name, "steps": [{"basic": {"min_words": 1}}]},
+        "recipe_sha256": hashlib.sha256(recipe.encode()).hexdigest(),
+        "counts": [{"step": "basic", "in": len(uids) + 3, "kept": len(uids)}],
+    })
+    atomic.write_parquet(dir / "decisions.parquet", pa.table({
+        "uid": pa.array(uids, pa.string()), "step": ["basic"] * len(uids), "kept": [True] * len(uids)}))
+    return dir
+
+
+def make_run(dir: Path, subset: Path, seed: int = 0, scores: dict[str, float | None] | None = None,
+             scale: str = "debug", official: bool = True, hparams: dict | None = None) -> Path:
+    dir = Path(dir)
+    (dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (dir / "checkpoints" / "epoch_final.pt").write_bytes(b"not a real checkpoint")
+    scores = scores if scores is not None else {"emoji_category": 0.3, "fashion_mnist": 0.1, "tuxpaint_retrieval": 0.2}
+    lines = [
+        {"key": k, "dataset": k.replace("_", " "), "main_metric": v,
+         "metrics": {} if v is None else {"acc1": v}, "n": 0 if v is None else 100}
+        for k, v in scores.items()
+    ]
+    atomic.write_text(dir / "eval_results.jsonl", "".join(json.dumps(l) + "\n" for l in lines))
+    atomic.write_json(dir / "info.json", {
+        "scale": scale, "seed": seed, "arch": "curate-debug", "official": official,
+        "subset": str(subset), "subset_sha256": hashlib.sha256((subset / "uids.npy").read_bytes()).hexdigest(),
+        "hyperparameters": dict(hparams or official_hparams(scale)), "versions": {"torch": "2.14.1"},
+    })
+    return dir

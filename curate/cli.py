@@ -16,6 +16,8 @@ from curate import __version__
 
 # name -> ("module:attribute", one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "evaluate": ("benchmark.evaluate:evaluate_cmd", "Zero-shot evaluation on DataComp's 38 tasks and the offline suite; resumable, missing tasks reported."),
+    "download": ("curate.download:download_cmd", "Download a URL table into a webdataset POOL on Ray (img2dataset), every row accounted for."),
     "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
     "reshard": ("curate.reshard:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
     "train": ("benchmark.train:train_cmd", "Train CLIP on SUBSET/shards at a fixed-hyperparameter scale (DataComp protocol)."),
@@ -25,10 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "verify": ("curate.pool_verify:verify_cmd", "Reconcile a POOL: metadata rows = input rows, tars match metadata; non-zero exit if not."),
     "serve": ("curate.serve:serve_cmd", "Serve a pool's www/ folder over loopback HTTP (the offline stand-in for the web)."),
 }
 
 EVALSETS_COMMANDS: dict[str, tuple[str, str]] = {
+    "build-offline": ("benchmark.evalsets:build_offline_cmd", "Build the offline zero-shot suite (Fashion-MNIST, digits, pool held-out splits) from real local data."),
+    "download": ("benchmark.evalsets:download_cmd", "Download DataComp's evaluation sets (needs internet; resumable, checksummed)."),
 }
 
 

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("benchmark.evaluate:evaluate_cmd", "Zero-shot evaluation on DataComp's 38 tasks and the offline suite; resumable, missing tasks reported."),
     "download": ("curate.download:download_cmd", "Download a URL table into a webdataset POOL on Ray (img2dataset), every row accounted for."),
     "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
+    "filter": ("curate.filter:filter_cmd", "Filter a POOL with a YAML recipe into a SUBSET: parquet, uids.npy, per-uid ledger, report."),
+    "diff": ("curate.diff:diff_cmd", "Compare two SUBSETs: counts in each/both/neither and the step that decided each differing uid."),
     "reshard": ("curate.reshard:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
     "train": ("benchmark.train:train_cmd", "Train CLIP on SUBSET/shards at a fixed-hyperparameter scale (DataComp protocol)."),
     "submit": ("benchmark.submit:submit_command", "Pack a finished RUN into a verifiable submission bundle."),

@@ -1,0 +1,408 @@
+"""Zero-shot evaluation stage: RUN (or ARCH + checkpoint) -> RUN/eval_results.jsonl.
+
+Scores a CLIP model on DataComp's tasks and the offline suite the way DataComp does: a zero-shot
+classifier from class names x prompt templates (each class = mean of its L2-normalised template
+text embeddings, renormalised), image-text retrieval recall@k both ways, WinoGAViL Jaccard, WILDS
+and fairness worst-group metrics (benchmark/metrics.py).
+
+Reliability: results are written atomically after each task, one JSON line per task
+(DESIGN.md section 2, plus `model_id` so a changed checkpoint is never mixed with old scores), and a
+task already scored for the same model is not recomputed. A task whose data is absent is reported
+*missing* - never scored 0 - and each average says how many tasks it covers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from benchmark import metrics as M
+from benchmark.evalsets import (
+    EvalSet, MissingEvalSet, decode_image, default_evalsets_dir, iter_batches, iter_winogavil, open_evalset,
+)
+from benchmark.tasks import (
+    CLASSIFICATION, DATACOMP_SCORED, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task,
+    resolve_tasks,
+)
+from curate.atomic import write_json, write_text
+from curate.errors import CurateError
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "eval_results.jsonl"
+SUMMARY_FILE = "eval_summary.json"
+MAX_FAILED_KEYS = 20  # failed sample keys kept per task in the results line (the count is exact)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate. Either `run` (a training RUN folder) or `model` (+ `pretrained`)."""
+
+    run: Path | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    tasks: list[str] | None = None  # keys, "datacomp", "offline" or "all" (default)
+    evalsets: Path | None = None  # default: $CURATE_EVALSETS or <repo>/work/evalsets
+    out: Path | None = None  # default: RUN/eval_results.jsonl, or ./eval_results.jsonl with --model
+    batch_size: int = 64
+    device: str = "auto"
+    num_workers: int = 1
+    force: bool = False  # recompute tasks already in the results file
+    progress: bool | None = None  # tqdm bars; None = only on a terminal
+
+
+def resolve_model(cfg: EvalConfig) -> tuple[str, str | None, Path]:
+    """(arch, checkpoint path, results file) from a RUN folder or --model/--pretrained."""
+    if cfg.run is not None:
+        run = Path(cfg.run)
+        info_p = run / "info.json"
+        if not info_p.is_file():
+            raise CurateError(f"--run {run}: {info_p} not found (is this a training run folder?)")
+        try:
+            info = json.loads(info_p.read_text())
+        except ValueError as e:
+            raise CurateError(f"{info_p}: not valid JSON ({e})") from None
+        arch = cfg.model or info.get("arch") or info.get("model")
+        if not arch:
+            raise CurateError(f"{info_p}: no 'arch' field naming the model architecture")
+        ckpt = cfg.pretrained or str(run / "checkpoints" / "final.pt")
+        if not os.path.isfile(ckpt):
+            raise CurateError(f"--run {run}: checkpoint {ckpt} not found (has training finished?)")
+        return arch, ckpt, Path(cfg.out) if cfg.out else run / RESULTS_FILE
+    if not cfg.model:
+        raise CurateError("give --run RUN, or --model ARCH with --pretrained CHECKPOINT")
+    return cfg.model, cfg.pretrained, Path(cfg.out) if cfg.out else Path.cwd() / RESULTS_FILE
+
+
+# --------------------------------------------------------------------------------------------
+# Model-side helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _autocast(device: str):
+    import torch
+
+    # fp32 on CPU (exact, and bf16 autocast is slower on most CPUs); mixed precision on CUDA
+    return torch.autocast("cuda") if device.startswith("cuda") else nullcontext()
+
+
+def encode_texts(lm, texts: list[str], batch_size: int = 256):
+    """L2-normalised text embeddings (float32, on CPU) for a list of strings."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    with torch.no_grad(), _autocast(lm.device):
+        for i in range(0, len(texts), batch_size):
+            tok = lm.tokenizer(texts[i:i + batch_size]).to(lm.device)
+            out.append(F.normalize(lm.model.encode_text(tok).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def zero_shot_classifier(lm, classnames: list[str], templates: list[str]):
+    """(dim, n_classes) weights: per class the renormalised mean of its normalised template embeddings."""
+    import torch.nn.functional as F
+    import torch
+
+    texts = [t.replace("{c}", c) for c in classnames for t in templates]
+    emb = encode_texts(lm, texts).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1).T.contiguous().to(torch.float32)
+
+
+def encode_images(lm, evalset: EvalSet, batch_size: int, num_workers: int, progress: bool) -> dict:
+    """Run every sample of `evalset` through the image tower.
+
+    Returns features of the decodable images plus their labels/captions/metadata, and the keys and
+    reasons of samples whose image failed (they are reported, not scored).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    feats, labels, captions, metas, keys, failed = [], [], [], [], [], []
+    total = 0
+    bar = tqdm(desc=evalset.task.key, unit="img", disable=not progress, leave=False)
+    with torch.no_grad(), _autocast(lm.device):
+        for batch in iter_batches(evalset, lm.preprocess, batch_size, num_workers):
+            ok = batch["ok"]
+            total += len(ok)
+            for k, e, good in zip(batch["keys"], batch["errors"], ok.tolist()):
+                if not good:
+                    failed.append({"key": k, "error": e})
+            if ok.any():
+                imgs = batch["images"][ok].to(lm.device)
+                feats.append(F.normalize(lm.model.encode_image(imgs).float(), dim=-1).cpu())
+                idx = ok.nonzero().flatten().tolist()
+                labels.append(batch["labels"][ok])
+                captions.extend(batch["captions"][i] for i in idx)
+                metas.extend(batch["meta"][i] for i in idx)
+                keys.extend(batch["keys"][i] for i in idx)
+            bar.update(len(ok))
+    bar.close()
+    return {
+        "features": torch.cat(feats) if feats else torch.zeros(0, 0),
+        "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
+        "captions": captions, "meta": metas, "keys": keys, "failed": failed, "total": total,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Per task type
+# --------------------------------------------------------------------------------------------
+
+
+def _group_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, metas: list) -> dict:
+    if task.group_field is None:
+        return {}
+    if any(m is None for m in metas):
+        raise CurateError(f"{task.key}: worst-group metric needs a .npy metadata row in every sample")
+    groups = np.asarray([np.asarray(m).reshape(-1)[task.group_field] for m in metas]).astype(np.int64)
+    correct = (M.topk_predictions(logits, task.group_topk) == labels[:, None]).any(axis=1)
+    per_group = M.group_accuracies(correct, groups, exclude=task.exclude_groups)
+    out = {f"acc_group_{g}": acc for g, (acc, _) in sorted(per_group.items())}
+    out[task.group_metric] = M.worst_group_accuracy(logits, labels, groups, task.group_topk, task.exclude_groups)
+    if task.group_topk != 1:
+        out[f"acc_top{task.group_topk}_avg"] = float(correct.mean())
+    return out
+
+
+def eval_classification(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
+    enc = encode_images(lm, es, cfg.batch_size, cfg.num_workers, progress)
+    n = len(enc["labels"])
+    if n == 0:
+        raise CurateError(f"{task.key}: no decodable image in {es.root} ({len(enc['failed'])} failed)")
+    bad = enc["labels"][(enc["labels"] < 0) | (enc["labels"] >= len(es.classnames))]
+    if len(bad):
+        raise CurateError(f"{task.key}: label {int(bad[0])} outside 0..{len(es.classnames) - 1} "
+                          f"({len(es.classnames)} lines in {es.root / 'classnames.txt'})")
+    W = zero_shot_classifier(lm, es.classnames, es.templates)
+    logits = (100.0 * enc["features"] @ W).numpy()
+    metrics = M.classification_metrics(logits, enc["labels"])
+    if task.type == WILDS and task.main_metric == "F1-macro_all":
+        pred = M.topk_predictions(logits, 1)[:, 0]
+        metrics["F1-macro_all"] = M.f1_macro(enc["labels"], pred)
+    metrics.update(_group_metrics(task, logits, enc["labels"], enc["meta"]))
+    return {"metrics": metrics, "n": n, "failed": enc["failed"], "total": enc["total"]}
+
+
+def eval_retrieval(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
+    enc = encode_images(lm, es, cfg.batch_size, cfg.num_workers, progress)
+    texts, t2i = [], []
+    for i, caps in enumerate(enc["captions"]):
+        texts.extend(caps)
+        t2i.extend([i] * len(caps))
+    if not texts:
+        raise CurateError(f"{task.key}: no captions (.txt) in {es.root}")
+    T = encode_texts(lm, texts, cfg.batch_size)
+    sim = (T @ enc["features"].T).numpy()
+    metrics = M.retrieval_recall(sim, np.asarray(t2i), ks=(1, 5, 10))
+    return {"metrics": metrics, "n": len(enc["keys"]), "n_texts": len(texts),
+            "failed": enc["failed"], "total": enc["total"]}
+
+
+def winogavil_prompt(cue: str) -> str:
+    """DataComp's WinoGAViL text prompt: "A <cue>" / "An <cue>" (lower-cased)."""
+    cue = cue.lower()
+    return f"An {cue}" if cue[:1] in "aeiou" else f"A {cue}"
+
+
+def eval_winogavil(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    scores, truths, failed, total = [], [], [], 0
+    with torch.no_grad(), _autocast(lm.device):
+        for inst in tqdm(iter_winogavil(es), desc=task.key, disable=not progress, leave=False):
+            total += 1
+            try:
+                if any(b is None for b in inst["images"]):
+                    raise ValueError("a candidate image is missing from the sample")
+                imgs = torch.stack([lm.preprocess(decode_image(b)) for b in inst["images"]])
+            except ValueError as e:
+                failed.append({"key": inst["key"], "error": str(e)})
+                continue
+            img = F.normalize(lm.model.encode_image(imgs.to(lm.device)).float(), dim=-1)
+            txt = encode_texts(lm, [winogavil_prompt(inst["cue"])]).to(lm.device)
+            scores.append((txt @ img.T).squeeze(0).cpu().numpy())
+            truths.append(np.isin(inst["candidates"], inst["associations"]))
+    if not scores:
+        raise CurateError(f"{task.key}: no usable instance in {es.root}")
+    return {"metrics": M.winogavil_jaccard(scores, truths), "n": len(scores), "failed": failed, "total": total}
+
+
+_RUNNERS = {CLASSIFICATION: eval_classification, WILDS: eval_classification, FAIRNESS: eval_classification,
+            RETRIEVAL: eval_retrieval, WINOGAVIL: eval_winogavil}
+
+
+# --------------------------------------------------------------------------------------------
+# Results file
+# --------------------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Existing results by task key (a line that does not parse is an error naming the line)."""
+    out: dict[str, dict] = {}
+    if not path.is_file():
+        return out
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out[rec["key"]] = rec
+        except (ValueError, KeyError, TypeError):
+            raise CurateError(f"{path} line {i}: not a results record; delete the file or pass --force") from None
+    return out
+
+
+def write_results(path: Path, results: dict[str, dict]) -> None:
+    order = {k: i for i, k in enumerate(TASKS)}
+    recs = sorted(results.values(), key=lambda r: (order.get(r["key"], len(order)), r["key"]))
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+
+
+def aggregates(results: dict[str, dict]) -> dict:
+    """DataComp's average over its 38 scored tasks and, separately, the offline suite's average."""
+    offline_scored = [k for k in OFFLINE_KEYS if TASKS[k].scored]
+    return {"datacomp": M.datacomp_average(results, DATACOMP_SCORED),
+            "offline": M.datacomp_average(results, offline_scored)}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate one model on the selected tasks; returns the summary that is also written to disk.
+
+    Summary: {"results": {key: record}, "missing": {key: reason}, "skipped": {key: reason},
+    "computed": [keys], "reused": [keys], "aggregates": {...}, "results_file": path}.
+    """
+    from curate.models import load_model, model_id as make_model_id
+
+    arch, ckpt, out = resolve_model(cfg)
+    root = Path(cfg.evalsets) if cfg.evalsets else default_evalsets_dir()
+    tasks = resolve_tasks(cfg.tasks)
+    progress = cfg.progress if cfg.progress is not None else os.isatty(2)
+    mid = make_model_id(arch, ckpt)
+
+    existing = {} if cfg.force else read_results(out)
+    # scores of another model (e.g. a re-trained checkpoint) are dropped, never mixed
+    results = {k: r for k, r in existing.items() if r.get("model_id") == mid}
+    stale = sorted(set(existing) - set(results))
+    if stale:
+        log.warning("dropping %d results of another model from %s", len(stale), out)
+
+    missing, skipped, todo = {}, {}, []
+    for task in tasks:
+        if task.key in results:
+            continue
+        if not task.scored:
+            skipped[task.key] = "unscored bias task (FairFace/UTKFace): not evaluated by curate"
+            continue
+        try:
+            todo.append((task, open_evalset(task, root)))
+        except MissingEvalSet as e:
+            missing[task.key] = str(e)
+    reused = [t.key for t in tasks if t.key in results]
+
+    computed = []
+    if todo:
+        lm = load_model(arch, ckpt, cfg.device)
+        for task, es in todo:
+            t0 = time.perf_counter()
+            res = _RUNNERS[task.type](lm, task, es, cfg, progress)
+            failed = res.pop("failed")
+            rec = {
+                "key": task.key, "dataset": task.name, "main_metric": task.main_metric,
+                "metrics": res.pop("metrics"), "n": res.pop("n"), "n_failed": len(failed),
+                "failed": failed[:MAX_FAILED_KEYS], "model_id": mid, "suite": task.suite,
+                "seconds": round(time.perf_counter() - t0, 3), **res,
+            }
+            if rec["n"] + rec["n_failed"] != rec.pop("total"):
+                raise AssertionError(f"{task.key}: samples not accounted for")  # a bug, not a user error
+            results[task.key] = rec
+            write_results(out, results)  # after every task: a killed run resumes from here
+            computed.append(task.key)
+    elif not out.exists() or stale:
+        write_results(out, results)
+
+    summary = {
+        "model": arch, "pretrained": ckpt, "model_id": mid, "evalsets": str(root), "results_file": str(out),
+        "results": results, "missing": missing, "skipped": skipped, "computed": computed, "reused": reused,
+        "aggregates": aggregates(results),
+    }
+    write_json(out.with_name(SUMMARY_FILE), {k: v for k, v in summary.items() if k != "results"})
+    return summary
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{100 * v:6.2f}"
+
+
+def format_table(summary: dict) -> str:
+    rows = [f"{'task':52s} {'metric':22s} {'score':>6s} {'n':>7s}"]
+    for key, rec in summary["results"].items():
+        v = rec["metrics"].get(rec["main_metric"])
+        rows.append(f"{key:52s} {rec['main_metric']:22s} {_fmt(v)} {rec['n']:7d}"
+                    + (f"  ({rec['n_failed']} unreadable)" if rec.get("n_failed") else ""))
+    for key, reason in summary["missing"].items():
+        rows.append(f"{key:52s} {'MISSING':22s} {'':>6s} {'':>7s}  {reason}")
+    for name, agg in summary["aggregates"].items():
+        label = "DataComp average (38 tasks)" if name == "datacomp" else "Offline suite average (separate)"
+        if agg["n_tasks"] == 0:
+            rows.append(f"{label}: no task scored")
+        else:
+            note = "complete" if agg["complete"] else f"PARTIAL: {agg['n_total'] - agg['n_tasks']} missing, not comparable"
+            rows.append(f"{label}: {_fmt(agg['average']).strip()} over {agg['n_tasks']} of {agg['n_total']} tasks ({note})")
+    return "\n".join(rows)
+
+
+@click.command("evaluate")
+@click.option("--run", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Training run folder (RUN/info.json names the architecture, RUN/checkpoints/final.pt the weights).")
+@click.option("--model", default=None, help="open_clip architecture (e.g. curate-tiny, ViT-B-32) instead of --run.")
+@click.option("--pretrained", default=None, help="Local checkpoint file for --model (omit for random init).")
+@click.option("--tasks", multiple=True,
+              help="Task keys or suffixes (cifar100, fashion_mnist), or 'datacomp', 'offline', 'all' (default). "
+                   "Repeatable or comma-separated.")
+@click.option("--evalsets", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Evaluation sets folder (default: $CURATE_EVALSETS or <repo>/work/evalsets).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Results file (default: RUN/eval_results.jsonl, or ./eval_results.jsonl with --model).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+@click.option("--workers", "num_workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Data loader processes decoding images while the model runs.")
+@click.option("--force", is_flag=True, help="Recompute tasks that already have results.")
+@click.option("--list-tasks", is_flag=True, help="List the task registry and exit.")
+def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, device, num_workers, force, list_tasks):
+    """Zero-shot evaluation on DataComp's 38 tasks and the offline suite.
+
+    Writes one JSON line per task to eval_results.jsonl and prints a table. Tasks whose data is not
+    under --evalsets are reported MISSING (never scored 0); the DataComp average says how many of
+    its 38 tasks it covers, and the offline suite has its own, separate average. Tasks already scored
+    for the same weights are not recomputed. Get the DataComp sets with `curate evalsets download`,
+    build the offline ones with `curate evalsets build-offline`.
+    """
+    if list_tasks:
+        for t in TASKS.values():
+            click.echo(f"{t.key:52s} {t.suite:8s} {t.type:14s} {t.main_metric or 'unscored':22s} {t.name}")
+        return
+    summary = evaluate(EvalConfig(run=run, model=model, pretrained=pretrained, tasks=list(tasks) or None,
+                                  evalsets=evalsets, out=out, batch_size=batch_size, device=device,
+                                  num_workers=num_workers, force=force))
+    click.echo(format_table(summary))
+    if summary["reused"] and not summary["computed"]:
+        click.echo(f"already up to date: {len(summary['reused'])} task(s) reused from {summary['results_file']}")
+    click.echo(f"wrote {summary['results_file']}")

@@ -1,0 +1,220 @@
+"""Registry of zero-shot evaluation tasks: DataComp's 38 scored tasks (+2 unscored) and our offline suite.
+
+DataComp scores a CLIP model by the unweighted mean of one *main metric* per task over 38 tasks
+(FairFace and UTKFace are evaluated for bias analysis but have no main metric and are not averaged).
+This module is the single source of truth for what each task is, how it is scored, how it is
+grouped in DataComp's tables, and where its data lives on disk, so the evaluator, the leaderboard
+and the docs cannot disagree.
+
+Data layout (clip_benchmark's webdataset layout, which DataComp's evaluation sets use)::
+
+    <evalsets>/wds_<key with "/" -> "-" and no "fairness/" prefix>_test/
+        test/nshards.txt             number of shards N
+        test/0.tar ... test/N-1.tar  samples: <k>.{webp,png,jpg,jpeg} + <k>.cls (int label)
+                                     retrieval: <k>.txt (captions, one per line)
+                                     WILDS / fairness: also <k>.npy (metadata row, see group_field)
+                                     WinoGAViL: <k>.json {cue, candidates, associations} + <k>.<i>.png
+        classnames.txt               one class name per line (classification)
+        zeroshot_classification_templates.txt   one template per line with "{c}" for the class name
+        dataset_type.txt             "retrieval" for retrieval sets (absent -> classification)
+
+Names, sizes, main metrics and groups follow DataComp's public `tasklist.yml` and evaluation code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Task types (decide which evaluation routine and metric set runs).
+CLASSIFICATION = "classification"
+RETRIEVAL = "retrieval"
+WINOGAVIL = "winogavil"
+WILDS = "wilds"
+FAIRNESS = "fairness"
+
+# DataComp's result-table groups.
+IMAGENET = "imagenet"
+DIST_SHIFT = "imagenet_dist_shift"
+VTAB = "vtab"
+RETRIEVAL_GROUP = "retrieval"
+
+DATACOMP = "datacomp"
+OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task.
+
+    `main_metric` is the key (in the task's metrics dict) that DataComp averages; None = unscored.
+    `group_field` is the column of the per-sample `.npy` metadata used for worst-group metrics;
+    `exclude_groups` are group ids never taken as the worst group (FMoW's "Other" region).
+    """
+
+    key: str
+    name: str
+    type: str
+    main_metric: str | None
+    size: int
+    num_classes: int | None = None
+    random_score: float | None = None
+    groups: tuple[str, ...] = ()
+    suite: str = DATACOMP
+    classnames_source: str = "classnames.txt in the task folder"
+    templates_source: str = "zeroshot_classification_templates.txt in the task folder"
+    group_field: int | None = None
+    group_topk: int = 1
+    exclude_groups: tuple[int, ...] = ()
+    group_metric: str | None = None  # name of the worst-group metric this task reports
+    download: str | None = None  # source of the test set for `curate evalsets download`
+
+    @property
+    def scored(self) -> bool:
+        return self.main_metric is not None
+
+    @property
+    def folder(self) -> str:
+        """Folder name under the evalsets root (DataComp's naming: `wds_<task>_test`)."""
+        k = self.key.split("/", 1)[1] if self.key.startswith("fairness/") else self.key
+        return f"wds_{k.replace('/', '-')}_test"
+
+
+_IMAGENET_META = "open_clip.zero_shot_metadata (IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES) when the folder has none"
+_HF_DJ = "huggingface.co/datasets/djghosh/{folder}"
+
+
+def _cls(key, name, size, num_classes, random_score, groups=(), main="acc1", **kw) -> Task:
+    kw.setdefault("download", _HF_DJ)
+    return Task(key, name, CLASSIFICATION, main, size, num_classes, random_score, tuple(groups), **kw)
+
+
+_DATACOMP: list[Task] = [
+    _cls("vtab/caltech101", "Caltech-101", 6085, 102, 0.009804, [VTAB], main="mean_per_class_recall"),
+    _cls("cifar10", "CIFAR-10", 10000, 10, 0.1),
+    _cls("vtab/cifar100", "CIFAR-100", 10000, 100, 0.01, [VTAB]),
+    _cls("vtab/clevr_count_all", "CLEVR Counts", 15000, 8, 0.125061, [VTAB]),
+    _cls("vtab/clevr_closest_object_distance", "CLEVR Distance", 15000, 6, 0.190520, [VTAB]),
+    _cls("country211", "Country211", 21100, 211, 0.004739),
+    _cls("vtab/dtd", "Describable Textures", 1880, 47, 0.021277, [VTAB]),
+    _cls("vtab/eurosat", "EuroSAT", 5400, 10, 0.101483, [VTAB]),
+    _cls("fgvc_aircraft", "FGVC Aircraft", 3333, 100, 0.01, main="mean_per_class_recall"),
+    _cls("food101", "Food-101", 25250, 101, 0.009901),
+    _cls("gtsrb", "GTSRB", 12630, 43, 0.037604),
+    _cls("imagenet1k", "ImageNet 1k", 50000, 1000, 0.001, [IMAGENET],
+         classnames_source=_IMAGENET_META, templates_source=_IMAGENET_META),
+    _cls("imagenet_sketch", "ImageNet Sketch", 50889, 1000, 0.001, [DIST_SHIFT],
+         classnames_source=_IMAGENET_META, templates_source=_IMAGENET_META),
+    _cls("imagenetv2", "ImageNet v2", 10000, 1000, 0.001, [DIST_SHIFT],
+         classnames_source=_IMAGENET_META, templates_source=_IMAGENET_META),
+    _cls("imagenet-a", "ImageNet-A", 7500, 200, 0.008056, [DIST_SHIFT]),
+    _cls("imagenet-o", "ImageNet-O", 2000, 200, 0.006047, [DIST_SHIFT]),
+    _cls("imagenet-r", "ImageNet-R", 30000, 200, 0.006163, [DIST_SHIFT]),
+    _cls("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", 711, 4, 0.295289, [VTAB]),
+    _cls("mnist", "MNIST", 10000, 10, 0.100350),
+    _cls("objectnet", "ObjectNet", 18574, 113, 0.009481, [DIST_SHIFT]),
+    _cls("vtab/flowers", "Oxford Flowers-102", 6149, 102, 0.009804, [VTAB], main="mean_per_class_recall"),
+    _cls("vtab/pets", "Oxford-IIIT Pet", 3669, 37, 0.027027, [VTAB], main="mean_per_class_recall"),
+    _cls("voc2007", "Pascal VOC 2007", 14976, 20, 0.154038),
+    _cls("vtab/pcam", "PatchCamelyon", 32768, 2, 0.5, [VTAB]),
+    _cls("renderedsst2", "Rendered SST2", 1821, 2, 0.500001),
+    _cls("vtab/resisc45", "RESISC45", 6300, 45, 0.022342, [VTAB]),
+    _cls("cars", "Stanford Cars", 8041, 196, 0.005160),
+    _cls("stl10", "STL-10", 8000, 10, 0.1),
+    _cls("sun397", "SUN397", 108754, 397, 0.004645, [VTAB]),
+    _cls("vtab/svhn", "SVHN", 26032, 10, 0.117897, [VTAB]),
+    # DataComp loads these two from the Hugging Face datasets nlphuji/flickr30k and
+    # nlphuji/mscoco_2014_5k_test_image_text_retrieval; we read the same test splits as
+    # clip_benchmark retrieval webdatasets (one image, its captions one per line in .txt).
+    Task("retrieval/flickr30k", "Flickr", RETRIEVAL, "mean_recall@1", 31014, groups=(RETRIEVAL_GROUP,),
+         classnames_source="-", templates_source="- (captions are the queries)",
+         download="huggingface.co/datasets/clip-benchmark/wds_flickr30k"),
+    Task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", RETRIEVAL, "mean_recall@1", 5000,
+         groups=(RETRIEVAL_GROUP,), classnames_source="-", templates_source="- (captions are the queries)",
+         download="huggingface.co/datasets/clip-benchmark/wds_mscoco_captions"),
+    Task("misc/winogavil", "WinoGAViL", WINOGAVIL, "jaccard_score_10-12", 3563, random_score=0.205,
+         groups=(RETRIEVAL_GROUP,), classnames_source="-",
+         templates_source='"A {cue}" / "An {cue}" (DataComp\'s prompt)',
+         download="huggingface.co/datasets/nlphuji/winogavil (converted to the webdataset layout)"),
+    # WILDS: .npy metadata rows as in the WILDS datasets (iWildCam, Camelyon17: unused by the main
+    # metric; FMoW: [region, year, y], region 5 is "Other" and is never the worst region).
+    Task("wilds/iwildcam", "iWildCam", WILDS, "F1-macro_all", 42791, 182, 0.143056, download=_HF_DJ),
+    Task("wilds/camelyon17", "Camelyon17", WILDS, "acc1", 85054, 2, 0.5, download=_HF_DJ),
+    Task("wilds/fmow", "FMoW", WILDS, "acc_worst_region", 22108, 62, 0.027193, download=_HF_DJ,
+         group_field=0, exclude_groups=(5,), group_metric="acc_worst_region"),
+    # Fairness: Dollar Street metadata [income_ds, income_meta, region] -> worst income group of
+    # top-5 accuracy; GeoDE [region, country] -> worst region accuracy.
+    Task("fairness/dollar_street", "Dollar Street", FAIRNESS, "acc_top5_wg", 3503, 58, download=_HF_DJ,
+         group_field=0, group_topk=5, group_metric="acc_top5_wg"),
+    Task("fairness/geode", "GeoDE", FAIRNESS, "acc_wg", 12488, 40, download=_HF_DJ,
+         group_field=0, group_metric="acc_wg"),
+    # Unscored (bias analysis only; multi-objective "race:/gender:/age:/toxic:" class names).
+    Task("fairness/fairface", "FairFace", FAIRNESS, None, 10954, download=_HF_DJ),
+    Task("fairness/utkface", "UTKFace", FAIRNESS, None, 23703, download=_HF_DJ),
+]
+
+# Offline suite: real data available on this machine, written by `curate evalsets build-offline`
+# in the same layout so the same code path scores it. Sizes are the full sets; pool-derived tasks
+# depend on the pool build (their size is whatever the held-out split holds).
+_OFFLINE: list[Task] = [
+    _cls("offline/fashion_mnist", "Fashion-MNIST", 10000, 10, 0.1, suite=OFFLINE, download=None,
+         classnames_source="Fashion-MNIST class list", templates_source="benchmark/evalsets.py TEMPLATES"),
+    _cls("offline/digits", "Digits (sklearn, MNIST stand-in)", 1797, 10, 0.1, suite=OFFLINE, download=None,
+         classnames_source="digit names 0-9", templates_source="benchmark/evalsets.py TEMPLATES"),
+    _cls("offline/emoji_category", "Twemoji category", 0, None, None, suite=OFFLINE, download=None,
+         classnames_source="pool build held-out split", templates_source="benchmark/evalsets.py TEMPLATES"),
+    _cls("offline/flags_country", "Twemoji flag -> country", 0, None, None, suite=OFFLINE, download=None,
+         classnames_source="pool build held-out split", templates_source="benchmark/evalsets.py TEMPLATES"),
+    Task("offline/tuxpaint_retrieval", "Tux Paint caption retrieval", RETRIEVAL, "mean_recall@1", 0,
+         suite=OFFLINE, classnames_source="-", templates_source="- (captions are the queries)"),
+]
+
+TASKS: dict[str, Task] = {t.key: t for t in _DATACOMP + _OFFLINE}
+DATACOMP_KEYS: list[str] = [t.key for t in _DATACOMP]
+DATACOMP_SCORED: list[str] = [t.key for t in _DATACOMP if t.scored]
+OFFLINE_KEYS: list[str] = [t.key for t in _OFFLINE]
+
+assert len(DATACOMP_SCORED) == 38, len(DATACOMP_SCORED)
+
+
+def get_task(key: str) -> Task:
+    """Look a task up by its key, or by a unique suffix (`cifar100`, `fashion_mnist`)."""
+    from curate.errors import CurateError
+
+    if key in TASKS:
+        return TASKS[key]
+    matches = [k for k in TASKS if k.split("/")[-1] == key]
+    if len(matches) == 1:
+        return TASKS[matches[0]]
+    hint = f" (ambiguous: {', '.join(matches)})" if matches else ""
+    raise CurateError(f"unknown task {key!r}{hint}; `curate evaluate --list-tasks` lists them")
+
+
+def resolve_tasks(spec: list[str] | tuple[str, ...] | None) -> list[Task]:
+    """Expand a --tasks spec: None/`all` = DataComp 40 + offline; `datacomp`, `offline`, or task keys."""
+    if not spec:
+        spec = ["all"]
+    out: list[Task] = []
+    for item in spec:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part == "all":
+                keys = DATACOMP_KEYS + OFFLINE_KEYS
+            elif part == DATACOMP:
+                keys = DATACOMP_KEYS
+            elif part == OFFLINE:
+                keys = OFFLINE_KEYS
+            else:
+                keys = [get_task(part).key]
+            out.extend(TASKS[k] for k in keys if TASKS[k] not in out)
+    return out
+
+
+def groups_of(keys: list[str]) -> dict[str, list[str]]:
+    """DataComp's table groups restricted to `keys`."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        for g in TASKS[k].groups:
+            groups.setdefault(g, []).append(k)
+    return groups

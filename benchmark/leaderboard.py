@@ -5,7 +5,7 @@ tables, the file is a single portable artefact, and the same tables load in pand
 
     submissions(name, scale, seed, recipe, arch, official, subset_size, unique_uids, uids_sha256, average,
                 n_tasks, n_missing, bundle, created_at, added_at)
-    results(name, scale, seed, key, dataset, main_metric)
+    results(name, scale, seed, key, dataset, metric, score)      score = the value of the task's main metric
 
 `curate leaderboard` prints the ranking (mean ± std of the average over seeds), `--compare A B` the per-task
 deltas, `--html` a page with the plots inlined (average vs subset size, per-task bars, seed spread).
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS submissions (
 );
 CREATE TABLE IF NOT EXISTS results (
     name VARCHAR NOT NULL, scale VARCHAR NOT NULL, seed BIGINT NOT NULL,
-    key VARCHAR NOT NULL, dataset VARCHAR, main_metric DOUBLE,
+    key VARCHAR NOT NULL, dataset VARCHAR, metric VARCHAR, score DOUBLE,
     PRIMARY KEY (name, scale, seed, key)
 );
 """
@@ -69,7 +69,7 @@ def connect(db: Path, read_only: bool = False):
 
 def add_bundle(db: Path, bundle: Path) -> dict:
     """Insert (or replace) one bundle's rows: the same name/scale/seed submitted again replaces the old rows."""
-    from benchmark.submit import average_score, read_json, read_results
+    from benchmark.submit import average_score, main_value, read_json, read_results
 
     bundle = Path(bundle)
     decl = read_json(bundle / "bundle.json", "bundle declaration")
@@ -93,8 +93,9 @@ def add_bundle(db: Path, bundle: Path) -> dict:
         con.execute(f"INSERT INTO submissions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                     [row[c] for c in cols])
         con.executemany(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?)",
-            [(*key, r["key"], r.get("dataset"), r.get("main_metric")) for r in results],
+            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(*key, r["key"], r.get("dataset"), r["main_metric"] if isinstance(r.get("main_metric"), str) else None,
+              main_value(r)) for r in results],
         )
         con.execute("COMMIT")
     finally:
@@ -144,8 +145,8 @@ def compare(db: Path, a: str, b: str, scale: str | None = None) -> list[tuple[st
         scale_sql = "AND scale = ?" if scale else ""
         params = [a, *( [scale] if scale else [] ), b, *( [scale] if scale else [] )]
         rows = con.execute(
-            f"""WITH ta AS (SELECT key, avg(main_metric) m FROM results WHERE name = ? {scale_sql} GROUP BY key),
-                     tb AS (SELECT key, avg(main_metric) m FROM results WHERE name = ? {scale_sql} GROUP BY key)
+            f"""WITH ta AS (SELECT key, avg(score) m FROM results WHERE name = ? {scale_sql} GROUP BY key),
+                     tb AS (SELECT key, avg(score) m FROM results WHERE name = ? {scale_sql} GROUP BY key)
                 SELECT coalesce(ta.key, tb.key) AS key, ta.m, tb.m, tb.m - ta.m
                 FROM ta FULL OUTER JOIN tb ON ta.key = tb.key ORDER BY key""",
             params,
@@ -212,7 +213,7 @@ def write_html(db: Path, out: Path, scale: str | None = None) -> Path:
         p = [scale] if scale else []
         per_seed = con.execute(f"SELECT name, scale, seed, average, subset_size FROM submissions {where} ORDER BY name, seed", p).fetchall()
         tasks = con.execute(
-            f"SELECT name, scale, key, avg(main_metric), stddev_samp(main_metric) FROM results {where} "
+            f"SELECT name, scale, key, avg(score), stddev_samp(score) FROM results {where} "
             "GROUP BY name, scale, key ORDER BY key, name", p).fetchall()
     finally:
         con.close()

@@ -99,9 +99,10 @@ def read_results(path: Path) -> list[dict]:
                 raise CurateError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
             if not isinstance(r, dict) or "key" not in r:
                 raise CurateError(f"{path}: line {i} has no 'key' field")
-            mm = r.get("main_metric")
-            if mm is not None and not (isinstance(mm, (int, float)) and math.isfinite(mm)):
-                raise CurateError(f"{path}: line {i} ({r['key']}): main_metric {mm!r} is not a finite number")
+            try:
+                main_value(r)
+            except ValueError as e:
+                raise CurateError(f"{path}: line {i} ({r['key']}): {e}") from None
             rows.append(r)
     keys = [r["key"] for r in rows]
     dup = {k for k in keys if keys.count(k) > 1}
@@ -110,13 +111,35 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
+def main_value(r: dict) -> float | None:
+    """The value of a result line's main metric.
+
+    The evaluator (benchmark/evaluate.py) names the metric in ``main_metric`` and stores the value in
+    ``metrics[main_metric]``; a numeric ``main_metric`` (the value itself) is accepted too. None means the
+    task was not scored (its data was absent). Raises ValueError for a value that is not a finite number.
+    """
+    mm = r.get("main_metric")
+    if isinstance(mm, str):
+        metrics = r.get("metrics")
+        v = metrics.get(mm) if isinstance(metrics, dict) else None
+        where = f"metrics[{mm!r}]"
+    else:
+        v, where = mm, "main_metric"
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where} = {v!r} is not a finite number")
+    return float(v)
+
+
 def average_score(results: list[dict]) -> tuple[float | None, list[str]]:
     """DataComp's average: unweighted mean of the main metrics of the tasks that were scored.
 
     Tasks present without a main metric (data absent) are returned as missing, never counted as 0.
     """
-    scored = [float(r["main_metric"]) for r in results if r.get("main_metric") is not None]
-    missing = sorted(r["key"] for r in results if r.get("main_metric") is None)
+    values = {r["key"]: main_value(r) for r in results}
+    scored = [v for v in values.values() if v is not None]
+    missing = sorted(k for k, v in values.items() if v is None)
     return (float(np.mean(scored)) if scored else None), missing
 
 
@@ -137,6 +160,8 @@ def subset_dir_of(run: Path, info: dict) -> Path | None:
     p = Path(raw)
     if not p.is_absolute() and not p.exists():
         p = (run / raw)
+    if not (p / "uids.npy").is_file() and (p.parent / "uids.npy").is_file():
+        p = p.parent  # the trainer was pointed at SUBSET/shards
     return p
 
 
@@ -167,6 +192,10 @@ def official_hyperparameters(scale: str) -> dict | None:
 
 
 def run_hyperparameters(info: dict) -> dict | None:
+    # benchmark/train.py records the scale's values under info["run"]["scale"] (they feed the run fingerprint)
+    run = info.get("run")
+    if isinstance(run, dict) and isinstance(run.get("scale"), dict):
+        return run["scale"]
     hp = _first(info, "hyperparameters", "hparams", "scale_config", "config")
     return hp if isinstance(hp, dict) else None
 
@@ -309,7 +338,7 @@ def submit(cfg: SubmitConfig) -> dict:
         "recipe": recipe_name,
         "scale": scale,
         "seed": seed,
-        "arch": _first(info, "arch", "model"),
+        "arch": _first(info, "model", "arch"),
         "official": bool(info.get("official", False)),
         "subset_size": int(len(arr)),
         "unique_uids": int(len(np.unique(arr))),

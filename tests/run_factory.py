@@ -46,14 +46,16 @@ def make_run(dir: Path, subset: Path, seed: int = 0, scores: dict[str, float | N
     (dir / "checkpoints" / "epoch_final.pt").write_bytes(b"not a real checkpoint")
     scores = scores if scores is not None else {"emoji_category": 0.3, "fashion_mnist": 0.1, "tuxpaint_retrieval": 0.2}
     lines = [
-        {"key": k, "dataset": k.replace("_", " "), "main_metric": v,
-         "metrics": {} if v is None else {"acc1": v}, "n": 0 if v is None else 100}
+        {"key": k, "dataset": k.replace("_", " "), "main_metric": "acc1",
+         "metrics": {} if v is None else {"acc1": v, "acc5": 1.0}, "n": 0 if v is None else 100}
         for k, v in scores.items()
     ]
     atomic.write_text(dir / "eval_results.jsonl", "".join(json.dumps(l) + "\n" for l in lines))
+    # the shape benchmark/train.py writes: hyperparameters under run.scale, the data path under "data"
     atomic.write_json(dir / "info.json", {
-        "scale": scale, "seed": seed, "arch": "curate-debug", "official": official,
-        "subset": str(subset), "subset_sha256": hashlib.sha256((subset / "uids.npy").read_bytes()).hexdigest(),
-        "hyperparameters": dict(hparams or official_hparams(scale)), "versions": {"torch": "2.14.1"},
+        "status": "done", "scale": scale, "seed": seed, "model": "curate-debug", "official": official,
+        "data": str(subset), "subset_hash": hashlib.sha256((subset / "uids.npy").read_bytes()).hexdigest(),
+        "run": {"scale": dict(hparams or official_hparams(scale)), "official": official, "seed": seed},
+        "versions": {"torch": "2.14.1"},
     })
     return dir

@@ -114,7 +114,7 @@ def _tamper_size(b: Path) -> None:
 
 def _tamper_score(b: Path) -> None:
     lines = [json.loads(l) for l in (b / "results.jsonl").read_text().splitlines()]
-    lines[0]["main_metric"] = 0.99
+    lines[0]["metrics"][lines[0]["main_metric"]] = 0.99
     (b / "results.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
 
 
@@ -164,7 +164,7 @@ def test_hyperparameters_compared_to_official_scale(setup):
     b = Path(sub.submit(sub.SubmitConfig(run=run, tarball=False))["bundle"])
     assert sub.verify(sub.VerifyConfig(bundle=b, pool=fp.pool)).ok
     info = json.loads((b / "info.json").read_text())
-    info["hyperparameters"]["lr"] = 5e-3
+    info["run"]["scale"]["lr"] = 5e-3
     (b / "info.json").write_text(json.dumps(info))
     _rehash(b)
     rep = sub.verify(sub.VerifyConfig(bundle=b, pool=fp.pool))
@@ -216,8 +216,8 @@ def test_submit_errors_name_the_missing_file(setup, tmp_path):
     (run / "eval_results.jsonl").unlink()
     with pytest.raises(CurateError, match="eval_results.jsonl"):
         sub.submit(sub.SubmitConfig(run=run))
-    (run / "eval_results.jsonl").write_text('{"key": "a", "main_metric": "high"}\n')
-    with pytest.raises(CurateError, match="line 1 .*not a finite number"):
+    (run / "eval_results.jsonl").write_text('{"key": "a", "main_metric": "acc1", "metrics": {"acc1": "high"}}\n')
+    with pytest.raises(CurateError, match="line 1 .*acc1.*not a finite number"):
         sub.submit(sub.SubmitConfig(run=run))
 
 

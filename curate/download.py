@@ -57,7 +57,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from curate import __version__  # noqa: E402
-from curate.atomic import atomic_path, write_json, write_parquet  # noqa: E402
+from curate.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet  # noqa: E402
 from curate.download_input import InputColumns, InputTable, read_input  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 
@@ -256,12 +256,14 @@ def _safe_resizer_class():
                 with Image.open(img_stream) as im:  # reads the header only
                     w, h = im.size
             except Image.DecompressionBombError as e:
-                return None, None, None, None, None, f"decompression bomb refused: {e}"
+                return None, None, None, None, None, (
+                    f"image is above the cap of {self.max_pixels} pixels (decompression bomb guard): {e}")
             except Exception:  # noqa: BLE001 - not a format PIL knows: cv2 decides (and has its own cap)
                 w = h = 0
             if w * h > self.max_pixels:
                 return None, None, None, None, None, (
-                    f"image is {w}x{h} = {w * h} pixels, above the cap of {self.max_pixels} (decompression bomb guard)")
+                    f"image is {w}x{h} = {w * h} pixels, above the cap of {self.max_pixels} pixels "
+                    "(decompression bomb guard)")
             img_stream.seek(0)
             return super().__call__(img_stream, blurring_bbox_list)
 
@@ -543,6 +545,8 @@ def download(cfg: DownloadConfig) -> dict:
     (out / "metadata").mkdir(parents=True, exist_ok=True)
     if (out / "_staging").exists():
         shutil.rmtree(out / "_staging", ignore_errors=True)  # left by a killed run
+    cleanup_temp_files(out / "shards")
+    cleanup_temp_files(out / "metadata")
 
     settings = asdict(cfg)
     settings.update(urls=str(cfg.urls), out=str(cfg.out))

@@ -1,0 +1,171 @@
+"""Near-neighbour search for deduplication, on FAISS: choose an index, find pairs above a threshold,
+group them.
+
+Why FAISS: it is the well-kept library for exact and approximate inner-product search on CPU and
+GPU. What is here is only the policy around it:
+
+* `choose_index`: exact (flat) search for small sets, where it is fast enough and has perfect
+  recall; an inverted-file index (IVF) for large ones, with ``nlist`` ~ 2·sqrt(n) cells (so the
+  per-query scan ``nprobe·n/nlist`` and the cell-assignment cost ``nlist`` stay balanced) and a
+  fixed ``nprobe``. A GPU copy of the index is used when faiss-gpu and a GPU are present.
+* `near_pairs`: self-kNN with a similarity threshold. kNN rather than range search keeps memory at
+  O(n·k) whatever the data: a pool with 10,000 identical blank images would make range search
+  return 10^8 pairs, while k neighbours per point still connect such a group (every member links
+  to k−1 others of the same near-identical clique).
+* `connected_components`: groups of duplicates, via scipy's sparse-graph routine.
+
+Vectors must be L2-normalised float32, so inner product = cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FLAT_MAX_N = 20_000  # up to here exact search takes seconds on 2 CPU cores
+DEFAULT_K = 16  # neighbours per point examined for near duplicates
+DEFAULT_NPROBE = 8
+QUERY_CHUNK = 16_384  # queries per faiss call: bounds the (chunk, k) result arrays, drives the progress bar
+
+IndexKind = Literal["auto", "flat", "ivf"]
+
+
+def _faiss():
+    import faiss  # imported lazily: `curate --help` must not pay for it
+
+    return faiss
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """Which index `build_index` makes, and why (recorded in logs / manifests)."""
+
+    kind: Literal["flat", "ivf"]
+    nlist: int = 0
+    nprobe: int = 0
+    gpu: bool = False
+
+    def describe(self) -> str:
+        dev = "gpu" if self.gpu else "cpu"
+        if self.kind == "flat":
+            return f"flat (exact, {dev})"
+        return f"ivf (nlist={self.nlist}, nprobe={self.nprobe}, {dev})"
+
+
+def gpu_available() -> bool:
+    """True when the installed faiss has GPU support and sees at least one GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def choose_index(n: int, kind: IndexKind = "auto", nprobe: int | None = None) -> IndexChoice:
+    """Pick the index for `n` vectors. ``auto``: flat up to FLAT_MAX_N, IVF above."""
+    if kind not in ("auto", "flat", "ivf"):
+        raise ValueError(f"index must be auto, flat or ivf, not {kind!r}")
+    gpu = gpu_available()
+    if kind == "flat" or (kind == "auto" and n <= FLAT_MAX_N):
+        return IndexChoice("flat", gpu=gpu)
+    # At least ~39 training points per cell (faiss's k-means minimum) and at least 1 cell.
+    nlist = int(2 ** round(math.log2(max(1.0, 2.0 * math.sqrt(n)))))
+    nlist = max(1, min(nlist, n // 39 if n >= 39 else 1, 65_536))
+    probe = nprobe if nprobe is not None else DEFAULT_NPROBE
+    return IndexChoice("ivf", nlist=nlist, nprobe=min(probe, nlist), gpu=gpu)
+
+
+def build_index(x: np.ndarray, choice: IndexChoice, seed: int = 0):
+    """Build and fill the index over `x` (n, d) float32 L2-normalised rows."""
+    faiss = _faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if choice.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, choice.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.cp.spherical = True  # centroids on the sphere, like the data
+        # Train on a seeded sample: k-means quality saturates long before all n points.
+        n_train = min(n, choice.nlist * 64)
+        rng = np.random.default_rng(seed)
+        sample = x if n_train == n else x[np.sort(rng.choice(n, n_train, replace=False))]
+        index.train(sample)
+        index.nprobe = choice.nprobe
+    if choice.gpu:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index._curate_gpu_res = res  # keep the resources alive as long as the index
+    index.add(x)
+    return index
+
+
+def knn(index, queries: np.ndarray, k: int, desc: str = "searching") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner-product search in chunks (bounded memory, progress bar). Returns (sims, ids)."""
+    from tqdm.auto import tqdm
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(queries)
+    sims = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    with tqdm(total=n, desc=desc, unit="vec", disable=not sys.stderr.isatty(), leave=False) as bar:
+        for s in range(0, n, QUERY_CHUNK):
+            e = min(n, s + QUERY_CHUNK)
+            sims[s:e], ids[s:e] = index.search(queries[s:e], k)
+            bar.update(e - s)
+    return sims, ids
+
+
+def near_pairs(
+    x: np.ndarray,
+    threshold: float,
+    index: IndexKind = "auto",
+    k: int = DEFAULT_K,
+    seed: int = 0,
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, IndexChoice]:
+    """All pairs (i < j) among the rows of `x` with cosine >= threshold that a k-NN search finds.
+
+    Returns (i, j, sim, choice), each pair once, sorted by (i, j). With ``index="flat"`` and
+    ``k`` at least the largest group size this is exact.
+    """
+    n = len(x)
+    choice = choose_index(n, index, nprobe)
+    if n < 2:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=np.float32), choice
+    k = min(k, n)
+    idx = build_index(x, choice, seed)
+    log.info("near_pairs: n=%d index=%s k=%d threshold=%s", n, choice.describe(), k, threshold)
+    sims, ids = knn(idx, x, k, desc="near duplicates")
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    cols = ids.ravel()
+    s = sims.ravel()
+    ok = (cols >= 0) & (cols != rows) & (s >= threshold)
+    rows, cols, s = rows[ok], cols[ok], s[ok]
+    i = np.minimum(rows, cols)
+    j = np.maximum(rows, cols)
+    # Each pair is usually found from both ends: keep one copy (the larger similarity, which
+    # differs only by float rounding between the two directions).
+    order = np.lexsort((-s, j, i))
+    i, j, s = i[order], j[order], s[order]
+    first = np.ones(len(i), dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return i[first], j[first], s[first], choice
+
+
+def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Component label per node of the undirected graph with edges (i, j) on n nodes."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as cc
+
+    if len(i) == 0:
+        return np.arange(n, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    _, labels = cc(graph, directed=False)
+    return labels.astype(np.int64)

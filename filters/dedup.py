@@ -1,0 +1,214 @@
+"""``dedup``: drop exact and near duplicates, keeping exactly one member of each duplicate group.
+
+Recipe: ``dedup: {on: image|text|both, threshold: 0.95, index: auto|flat|ivf, keep: first|highest_clip_score}``
+
+1. Exact duplicates: equal ``sha256`` of the image bytes (``on: image``), equal normalised caption
+   (``on: text``), or both equal (``on: both``). Only one representative per exact group goes on
+   to step 2, so a pool with 10,000 copies of one logo costs one vector, not 10,000.
+2. Near duplicates: cosine similarity of the L2-normalised embeddings >= ``threshold``, found by a
+   FAISS k-nearest-neighbour search (`curate.faiss_index`: exact for small pools, IVF for large, GPU
+   when available). ``on: both`` pairs are found on the image embeddings and must also pass the
+   threshold on the text embeddings (same picture *and* same meaning).
+3. Groups are the connected components of the union of both graphs, so duplication is transitive:
+   if A~B and B~C, then A, B and C form one group even when A and C are less similar.
+4. One member per group is kept: ``first`` = earliest in the pool (by shard, then key, then uid),
+   ``highest_clip_score`` = largest CLIP score (ties and missing scores fall back to ``first``).
+   Every dropped row's reason names the kept member's uid; its score is its cosine similarity to
+   the kept member (1.0 for exact copies), which may be below the threshold for members joined
+   through a chain.
+
+Rows without an embedding (undecodable image) take part only in the exact step. The result depends
+only on the rows and the seed, never on batch order: the same input gives the same kept set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import faiss_index
+from filters.base import Batch, Filter, StepResult, register
+
+
+def column(table: pa.Table, name: str) -> pa.Array | None:
+    """A column as one contiguous array, or None when the batch does not have it."""
+    if name not in table.column_names:
+        return None
+    col = table[name]
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def pool_order(table: pa.Table) -> np.ndarray:
+    """Rank of each row in pool order (shard, key, uid): rank 0 = the first occurrence."""
+    keys = [("uid", "ascending")]
+    for name in ("key", "shard"):
+        if name in table.column_names:
+            keys.insert(0, (name, "ascending"))
+    keys.sort(key=lambda k: ("shard", "key", "uid").index(k[0]))
+    order = pc.sort_indices(table.select([k for k, _ in keys]), sort_keys=keys).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Re-normalise float16-rounded vectors; return (unit vectors, mask of rows that have one)."""
+    x = np.asarray(x, dtype=np.float32)
+    ok = np.isfinite(x).all(axis=1) if x.size else np.zeros(len(x), dtype=bool)
+    norms = np.linalg.norm(np.where(ok[:, None], x, 0.0), axis=1)
+    ok &= norms > 0
+    out = np.zeros_like(x)
+    out[ok] = x[ok] / norms[ok, None]
+    return out, ok
+
+
+def _norm_text(a: pa.Array) -> pa.Array:
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(a), r"\s+", " "))
+
+
+def exact_codes(table: pa.Table, on: str) -> np.ndarray:
+    """Group code per row for exact duplicates (-1 = no key, e.g. a failed row without sha256)."""
+    parts = []
+    if on in ("image", "both"):
+        sha = column(table, "sha256")
+        if sha is None:
+            raise ValueError("dedup needs the pool metadata column sha256")
+        parts.append(sha.cast(pa.string()))
+    if on in ("text", "both"):
+        text = column(table, "text")
+        if text is None:
+            raise ValueError("dedup on text needs the column text")
+        parts.append(_norm_text(text.cast(pa.string())))
+    key = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(parts[0], parts[1], "\x00")
+    enc = key.dictionary_encode()
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    valid = pc.is_valid(key).to_numpy(zero_copy_only=False)
+    codes = np.where(valid, codes, -1).astype(np.int64)
+    return codes
+
+
+def group_keep(labels: np.ndarray, rank: np.ndarray, preference: np.ndarray | None) -> np.ndarray:
+    """Index of the kept member for each row's group.
+
+    preference: higher is better (e.g. clip score, NaN = worst); ties and None -> lowest rank.
+    """
+    n = len(labels)
+    pref = np.zeros(n) if preference is None else np.where(np.isnan(preference), -np.inf, preference)
+    # Sort by group, then best preference first, then earliest rank; first row per group wins.
+    order = np.lexsort((rank, -pref, labels))
+    first = np.ones(n, dtype=bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    winners = order[first]  # one per group, in ascending label order
+    return winners[np.searchsorted(labels[winners], labels)]
+
+
+@register
+class DedupFilter(Filter):
+    """Exact (sha256) then near (embedding cosine) deduplication; one kept member per group."""
+
+    name = "dedup"
+    scope = "pool"
+    # The runner reads the class-level declaration: the superset of what any params need.
+    columns = ("sha256", "text", "shard", "key", "clip_score")
+    embeddings = ("image", "text")
+
+    @dataclass
+    class Params:
+        on: Literal["image", "text", "both"] = "image"
+        threshold: float = field(default=0.95, metadata={"min": -1.0, "max": 1.0})
+        index: Literal["auto", "flat", "ivf"] = "auto"
+        keep: Literal["first", "highest_clip_score"] = "first"
+        neighbors: int = field(default=faiss_index.DEFAULT_K, metadata={"min": 2, "max": 1024})
+        nprobe: int | None = field(default=None, metadata={"min": 1})
+        model: str | None = None  # architecture whose embeddings to read
+        pretrained: str | None = None  # weights tag or local checkpoint (selects the embeddings folder)
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.seed = 0
+        self.last_index: faiss_index.IndexChoice | None = None
+
+    def setup(self, context) -> None:
+        self.seed = int(context.get("seed") or 0)
+
+    def _vectors(self, batch: Batch, which: str) -> np.ndarray:
+        x = batch.image_emb if which == "image" else batch.text_emb
+        if x is None:
+            raise ValueError(f"dedup on {self.params.on} needs {which} embeddings")
+        return x
+
+    def apply(self, batch: Batch) -> StepResult:
+        p = self.params
+        table = batch.table
+        n = len(batch)
+        uids = column(table, "uid").to_pylist()
+        rank = pool_order(table)
+
+        # 1. exact groups, linked as stars to their first member.
+        codes = exact_codes(table, p.on)
+        has = codes >= 0
+        order = np.lexsort((rank, codes))
+        order = order[has[order]]
+        c_sorted = codes[order]
+        head = np.ones(len(order), dtype=bool)
+        head[1:] = c_sorted[1:] != c_sorted[:-1]
+        head_of = np.maximum.accumulate(np.where(head, np.arange(len(order)), 0))
+        ei, ej = order[head_of], order
+        non_self = ei != ej
+        ei, ej = ei[non_self], ej[non_self]
+        # Rows that go on to the near step: one per exact group plus rows without an exact key.
+        rep = np.ones(n, dtype=bool)
+        rep[ej] = False
+
+        # 2. near pairs on embeddings among representatives.
+        primary = "text" if p.on == "text" else "image"
+        x, ok = normalise(self._vectors(batch, primary))
+        secondary = None
+        if p.on == "both":
+            secondary, ok2 = normalise(self._vectors(batch, "text"))
+            ok &= ok2
+        cand = np.flatnonzero(rep & ok)
+        ni = nj = np.empty(0, dtype=np.int64)
+        if len(cand) > 1:
+            i, j, _, choice = faiss_index.near_pairs(
+                x[cand], p.threshold, p.index, p.neighbors, self.seed, p.nprobe
+            )
+            self.last_index = choice
+            ni, nj = cand[i], cand[j]
+            if secondary is not None and len(ni):
+                tsim = np.einsum("ij,ij->i", secondary[ni], secondary[nj])
+                ni, nj = ni[tsim >= p.threshold], nj[tsim >= p.threshold]
+
+        # 3. groups = connected components of exact + near edges.
+        labels = faiss_index.connected_components(n, np.concatenate([ei, ni]), np.concatenate([ej, nj]))
+        pref = None
+        if p.keep == "highest_clip_score":
+            cs = column(table, "clip_score")
+            if cs is None:
+                raise ValueError("keep: highest_clip_score needs the clip_score column (embeddings)")
+            pref = pc.fill_null(cs.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+        keeper = group_keep(labels, rank, pref)
+
+        # 4. decisions: similarity of each dropped row to its kept member.
+        keep = keeper == np.arange(n)
+        dropped = np.flatnonzero(~keep)
+        score = np.full(n, np.nan)
+        k_of = keeper[dropped]
+        sim = np.einsum("ij,ij->i", x[dropped], x[k_of]).astype(np.float64)
+        if secondary is not None:
+            sim = np.minimum(sim, np.einsum("ij,ij->i", secondary[dropped], secondary[k_of]))
+        same_exact = (codes[dropped] >= 0) & (codes[dropped] == codes[k_of])
+        sim = np.where(same_exact, 1.0, sim)
+        sim = np.where(ok[dropped] & ok[k_of] | same_exact, sim, np.nan)
+        score[dropped] = sim
+        sizes = np.bincount(labels, minlength=labels.max() + 1 if n else 0)
+        reason: list[str | None] = [None] * n
+        exact_what = {"image": "same sha256", "text": "same caption", "both": "same sha256 and caption"}[p.on]
+        for r, k, s, ex in zip(dropped.tolist(), k_of.tolist(), sim.tolist(), same_exact.tolist()):
+            how = exact_what if ex else f"cosine {s:.3f}"
+            reason[r] = f"duplicate of {uids[k]} ({how}; group of {sizes[labels[r]]})"
+        return StepResult(keep=keep, score=score, reason=reason, threshold=p.threshold)

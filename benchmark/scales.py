@@ -42,6 +42,9 @@ class Scale:
     pool_size: int | None = None  # DataComp: pool size equals samples seen
     grad_checkpointing: bool = False
     cpu_scale: bool = False
+    # sample shuffle buffer of the data loader (open_clip's default 5000; the first fifth fills before
+    # the first batch). Part of the recipe because it changes which samples share a batch.
+    shuffle_buffer: int = 5000
 
     @property
     def steps(self) -> int:
@@ -73,9 +76,10 @@ SCALES: dict[str, Scale] = {
         # CPU scales (this project). tiny: 8M-param CLIP at 64 px, ~350 steps of 256 on 2 cores.
         Scale(
             "tiny", "curate-tiny", 89_600, 256, 1e-3, 35, num_checkpoints=5, cpu_scale=True,
+            shuffle_buffer=1000,
         ),
         # debug: seconds, for tests; learns nothing meaningful.
-        Scale("debug", "curate-debug", 256, 16, 1e-3, 2, num_checkpoints=4, cpu_scale=True),
+        Scale("debug", "curate-debug", 256, 16, 1e-3, 2, num_checkpoints=4, cpu_scale=True, shuffle_buffer=32),
     )
 }
 

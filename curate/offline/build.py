@@ -70,7 +70,7 @@ class RenderConfig:
     emoji_native_fraction: float = 0.2
     emoji_sizes: tuple[int, ...] = (128, 256, 256, 320)
     eval_long_side: int = 256
-    max_svg_bytes: int = 2_000_000
+    max_source_bytes: int = 2_000_000
     max_pixels: int = 4_000_000
     time_limit: float = 20.0
 
@@ -159,20 +159,6 @@ def _plan_pool_image(item: SourceItem, seed: int, rc: RenderConfig) -> Planned:
     return Planned(item, f"www/{item.source}/{fid}.png", 0, "png")
 
 
-def _upscale_png(data: bytes, long_side: int, max_pixels: int) -> bytes:
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data))
-    if im.width * im.height > max_pixels:
-        raise ValueError(f"{im.width}x{im.height} exceeds the pixel cap")
-    im = im.convert("RGBA")
-    s = long_side / max(im.size)
-    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    im.save(out, "PNG")
-    return out.getvalue()
-
-
 def _put(path: Path, data: bytes) -> None:
     """Plain write: files go into the private temp build folder, which is renamed into place whole,
     so per-file atomic renames and fsyncs (curate.atomic) would only cost time here."""
@@ -189,9 +175,11 @@ def _cairosvg_version() -> str:
 def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) -> tuple[set[str], dict]:
     """Write every planned image under `root`; return (rels written, render stats).
 
-    SVG renders go through a content-addressed cache: key = sha256(svg bytes + render parameters +
-    cairosvg version), so a second build (any seed that picks the same size) only copies files.
+    SVG renders and PNG resizes go through a content-addressed cache: key = sha256(source bytes +
+    render parameters + cairosvg/Pillow versions), so a second build only copies files.
     """
+    import PIL
+
     rc = cfg.render
     cache = render_cache_dir(cfg)
     cver = _cairosvg_version()
@@ -199,21 +187,14 @@ def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) ->
     written: set[str] = set()
     skipped: list[dict] = []
     for p in plans:
-        if p.item.is_svg:
-            svg = p.item.path.read_bytes()
-            key = hashlib.sha256(svg + f"|{p.long_side}|{p.fmt}|cairosvg {cver}|v1".encode()).hexdigest()
+        if p.item.is_svg or p.long_side:
+            src = p.item.path.read_bytes()
+            key = hashlib.sha256(src + f"|{p.long_side}|{p.fmt}|cairosvg {cver}|{PIL.__version__}|v1".encode()).hexdigest()
             cfile = cache / key[:2] / f"{key}.{p.fmt}"
-            jobs.append((p, RenderJob(str(p.item.path), p.long_side, p.fmt, str(cfile), rc.max_svg_bytes,
+            jobs.append((p, RenderJob(str(p.item.path), p.long_side, p.fmt, str(cfile), rc.max_source_bytes,
                                       rc.max_pixels, rc.time_limit)))
-        else:
-            data = p.item.path.read_bytes()
-            if p.long_side:
-                try:
-                    data = _upscale_png(data, p.long_side, rc.max_pixels)
-                except (OSError, ValueError) as e:
-                    skipped.append({"source": p.item.source, "source_id": p.item.source_id, "reason": str(e)})
-                    continue
-            _put(root / p.rel, data)
+        else:  # served as the source published it
+            _put(root / p.rel, p.item.path.read_bytes())
             written.add(p.rel)
 
     todo = [j for _, j in jobs if not (os.path.exists(j.cache_file) or os.path.exists(j.cache_file + ".fail"))]
@@ -226,8 +207,8 @@ def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) ->
         # caller may have threads running (e.g. the test server) and SIGALRM limits need a main thread.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx) as ex:
-            bar = tqdm(ex.map(run_render_job, todo, chunksize=8), total=len(todo), desc="render svg",
-                       unit="svg", disable=not (cfg.progress and sys.stderr.isatty()))
+            bar = tqdm(ex.map(run_render_job, todo, chunksize=8), total=len(todo), desc="render",
+                       unit="img", disable=not (cfg.progress and sys.stderr.isatty()))
             for _status, secs, _reason in bar:
                 render_seconds.append(secs)
     wall = time.perf_counter() - t0
@@ -243,7 +224,7 @@ def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) ->
                 reason = "render failed (no cache entry)"
             skipped.append({"source": p.item.source, "source_id": p.item.source_id, "reason": reason})
     stats = {
-        "svg_jobs": len(jobs),
+        "render_jobs": len(jobs),
         "cache_hits": len(jobs) - len(todo),
         "rendered": len(todo),
         "render_wall_seconds": round(wall, 2),
@@ -548,7 +529,7 @@ def build_offline_cmd(out: Path, seed: int, size: str, base_url: str, overwrite:
     r = summary["render"]
     click.echo(f"\n{summary['rows']} rows -> {out}/urls.parquet (truth: truth.parquet)\n"
                f"held out: {ev}\n"
-               f"svg: {r['svg_jobs']} ({r['cache_hits']} cached, {r['rendered']} rendered in "
+               f"rendered images: {r['render_jobs']} ({r['cache_hits']} cached, {r['rendered']} rendered in "
                f"{r['render_wall_seconds']} s, {len(summary['skipped_images'])} skipped); "
                f"total {summary['timings']['total']} s\n"
                f"serve it: curate pool serve {out}")

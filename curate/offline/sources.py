@@ -218,8 +218,8 @@ def read_twemoji(root: Path) -> list[SourceItem]:
 
 # ---------------------------------------------------------------- rendering (runs in worker processes)
 
-class RenderTimeout(Exception):
-    pass
+class RenderTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so that no `except Exception` inside cairosvg swallows it."""
 
 
 def _on_alarm(signum, frame):
@@ -268,13 +268,28 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
 
 @dataclass(frozen=True)
 class RenderJob:
-    path: str          # SVG file
+    path: str          # SVG file (rendered) or PNG file (resized so its long side is long_side)
     long_side: int
     fmt: str           # "png" | "jpeg"
     cache_file: str    # where the encoded result (or a .fail note) goes
-    max_svg_bytes: int
+    max_source_bytes: int
     max_pixels: int
     time_limit: float
+
+
+def resize_png(data: bytes, long_side: int, max_pixels: int) -> bytes:
+    """Resize a raster image (Twemoji are 64 px) so its long side is `long_side`, as an RGBA PNG."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    if im.width * im.height > max_pixels:
+        raise ValueError(f"{im.width}x{im.height} exceeds the pixel cap {max_pixels}")
+    im = im.convert("RGBA")
+    s = long_side / max(im.size)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    im.save(out, "PNG")
+    return out.getvalue()
 
 
 def encode_image(png_rgba: bytes, fmt: str) -> bytes:
@@ -298,11 +313,15 @@ def run_render_job(job: RenderJob) -> tuple[str, float, str]:
     t0 = time.perf_counter()
     size = os.path.getsize(job.path)
     reason = ""
-    if size > job.max_svg_bytes:
-        reason = f"svg is {size} bytes > limit {job.max_svg_bytes}"
+    if size > job.max_source_bytes:
+        reason = f"file is {size} bytes > limit {job.max_source_bytes}"
     else:
         try:
-            png = render_svg(Path(job.path).read_bytes(), job.long_side, job.max_pixels, job.time_limit)
+            data = Path(job.path).read_bytes()
+            if job.path.lower().endswith(".svg"):
+                png = render_svg(data, job.long_side, job.max_pixels, job.time_limit)
+            else:
+                png = resize_png(data, job.long_side, job.max_pixels)
             write_bytes(job.cache_file, encode_image(png, job.fmt))
             return "ok", time.perf_counter() - t0, ""
         except RenderTimeout:

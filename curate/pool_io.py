@@ -206,4 +206,6 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-        raise ImageDecodeError(f"undecodable image: {type(e).__name__}: {e}") from None
+        # PIL puts the buffer's memory address in some messages; drop it so reruns write identical files.
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise ImageDecodeError(f"undecodable image: {type(e).__name__}: {why}") from None

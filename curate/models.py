@@ -103,8 +103,10 @@ def load_model(arch: str, pretrained: str | None = None, device: str = "auto") -
     device = resolve_device(device)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-    except (RuntimeError, OSError, ValueError, KeyError) as e:
-        raise CurateError(f"cannot load {arch} weights from {pretrained!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint surfaces as pickle/Index/EOF/Runtime errors alike
+        if not pretrained:
+            raise
+        raise CurateError(f"cannot load {arch} weights from {pretrained!r}: {type(e).__name__}: {e}") from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(model, preprocess, tokenizer, arch, pretrained, model_id(arch, pretrained), device)

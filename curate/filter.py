@@ -76,6 +76,7 @@ class FilterConfig:
     batch_rows: int = 200_000
     memory_limit: str = "3GB"
     threads: int | None = None
+    workers: int | None = None  # processes for row-scope filters [default: CPU count, at most 4]
     report: bool = True
     device: str = "auto"
     progress: bool = True
@@ -294,8 +295,6 @@ class Runner:
         ctx = self.context_for(step)
         filt.setup(ctx)
         q, want_emb = self._query_for(step, prev, prev_is_pool)
-        from filters.base import Batch
-
         threshold = None
         extra: list[str] = []
         writer = None
@@ -308,16 +307,16 @@ class Runner:
                     reader = self.con.sql(q).fetch_record_batch(self.cfg.batch_rows)
                     batches = (pa.Table.from_batches([b]) for b in reader)
                 bar = _progress(self.cfg.progress, f"{step.id}")
-                for table in batches:
+                workers = self.cfg.workers or min(os.cpu_count() or 1, 4)
+                parallel = (step.cls.scope == "row" and workers > 1
+                            and (self.executed[-1]["kept"] if self.executed else 0) > self.cfg.batch_rows)
+                results = (_parallel_apply(step, ctx, batches, want_emb, workers) if parallel
+                           else ((t, _apply_batch(filt, t, want_emb, ctx)) for t in batches))
+                for table, res in results:
                     n = table.num_rows
                     if n == 0 and writer is not None:
                         continue
                     n_in += n
-                    img = _vectors_to_numpy(table["image_emb"], n) if "image_emb" in want_emb else None
-                    txt = _vectors_to_numpy(table["text_emb"], n) if "text_emb" in want_emb else None
-                    keep_cols = [c for c in table.column_names if c not in ("image_emb", "text_emb")]
-                    batch = Batch(table.select(keep_cols), image_emb=img, text_emb=txt, context=ctx)
-                    res = filt.apply(batch) if n else _empty_result()
                     if len(res.keep) != n:
                         raise RuntimeError(f"filter {step.name} returned {len(res.keep)} decisions for {n} rows")
                     if res.threshold is not None:
@@ -327,8 +326,8 @@ class Runner:
                         "uid": table["uid"],
                         "kept": pa.array(res.keep, pa.bool_()),
                         "score": pa.array(score, pa.float64(), from_pandas=True),
-                        "threshold": pa.array(np.full(n, np.nan if threshold is None else threshold), pa.float64(),
-                                              from_pandas=True),
+                        "threshold": pa.array(np.full(n, np.nan if res.threshold is None else res.threshold),
+                                              pa.float64(), from_pandas=True),
                         "reason": pa.array(list(res.reason) if not isinstance(res.reason, np.ndarray) else res.reason,
                                            pa.string()),
                     }
@@ -393,6 +392,59 @@ class Runner:
         self.executed.append({"step": step_id, "filter": name, "file": path.name, "in": int(r[0]), "kept": int(r[1]),
                               "dropped": int(r[0] - r[1]), "threshold": threshold, "cached": cached,
                               "extra_columns": list(extra), "seconds": seconds})
+
+
+def _apply_batch(filt, table: pa.Table, want_emb: list[str], ctx: dict[str, Any]):
+    """Turn a DuckDB batch into a filter Batch (embedding lists -> float32 arrays) and apply the filter."""
+    from filters.base import Batch
+
+    n = table.num_rows
+    if n == 0:
+        return _empty_result()
+    img = _vectors_to_numpy(table["image_emb"], n) if "image_emb" in want_emb else None
+    txt = _vectors_to_numpy(table["text_emb"], n) if "text_emb" in want_emb else None
+    keep_cols = [c for c in table.column_names if c not in ("image_emb", "text_emb")]
+    return filt.apply(Batch(table.select(keep_cols), image_emb=img, text_emb=txt, context=ctx))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(name: str, params: Any, ctx: dict[str, Any]) -> None:
+    from curate.recipe import load_filters
+
+    filt = load_filters()[name](params)
+    filt.setup(ctx)
+    _WORKER.update(filt=filt, ctx=ctx)
+
+
+def _worker_apply(table: pa.Table, want_emb: list[str]):
+    return _apply_batch(_WORKER["filt"], table, want_emb, _WORKER["ctx"])
+
+
+def _parallel_apply(step: Step, ctx: dict[str, Any], batches, want_emb: list[str], workers: int):
+    """Apply a row-scope filter to batches in `workers` processes, yielding results in input order.
+
+    Row filters are pure functions of a batch (filters/base.py), so any split is valid. At most
+    2 x workers batches are in flight, which bounds memory. Processes start from a forkserver: the
+    parent holds DuckDB threads, which must not be forked.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from collections import deque
+
+    wctx = {k: v for k, v in ctx.items() if not callable(v)}
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_worker_init,
+                                initargs=(step.name, step.params, wctx)) as ex:
+        pending: deque = deque()
+        for table in batches:
+            pending.append((table, ex.submit(_worker_apply, table, want_emb)))
+            if len(pending) >= 2 * workers:
+                t, fut = pending.popleft()
+                yield t, fut.result()
+        while pending:
+            t, fut = pending.popleft()
+            yield t, fut.result()
 
 
 def _empty_result():
@@ -576,9 +628,10 @@ def _parse_pretrained(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--ray-address", default=None, help="Ray cluster address (accepted; steps currently run locally).")
 @click.option("--memory-limit", default="3GB", show_default=True, help="DuckDB memory limit; it spills to disk beyond.")
 @click.option("--batch-rows", default=200_000, show_default=True, help="Rows per batch handed to row-scope filters.")
+@click.option("--workers", default=None, type=int, help="Processes for row-scope filters [default: CPU count, max 4].")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @click.option("--device", default="auto", show_default=True, help="Device for embedding target images (auto/cpu/cuda).")
-def filter_cmd(recipe, pool, out, pretrained, ray_address, memory_limit, batch_rows, no_report, device):
+def filter_cmd(recipe, pool, out, pretrained, ray_address, memory_limit, batch_rows, workers, no_report, device):
     """Filter a pool with a YAML recipe into a subset (parquet + DataComp uids.npy + per-uid ledger).
 
     \b
@@ -588,7 +641,7 @@ def filter_cmd(recipe, pool, out, pretrained, ray_address, memory_limit, batch_r
     """
     cfg = FilterConfig(recipe=recipe, pool=pool, out=out, pretrained=_parse_pretrained(pretrained),
                        ray_address=ray_address, memory_limit=memory_limit, batch_rows=batch_rows,
-                       report=not no_report, device=device)
+                       report=not no_report, device=device, workers=workers)
     s = filter_pool(cfg)
     if s.get("up_to_date"):
         return

@@ -254,10 +254,11 @@ def build_params(cls: type, mapping_node: yaml.Node | None, ctx: _Ctx, where: st
     return params
 
 
-def _parse_steps(node: yaml.Node, ctx: _Ctx, where: str, prefix: str, registry: dict) -> list[Step | SetOp]:
+def _parse_steps(node: yaml.Node, ctx: _Ctx, where: str, prefix: str, registry: dict,
+                 allow_empty: bool = False) -> list[Step | SetOp]:
     if not isinstance(node, yaml.SequenceNode):
         raise ctx.err(node, where, f"expected a list of steps, got {_kind(node)}")
-    if not node.value:
+    if not node.value and not allow_empty:
         raise ctx.err(node, where, "needs at least one step")
     out: list[Step | SetOp] = []
     for i, item in enumerate(node.value):
@@ -285,6 +286,14 @@ def _parse_steps(node: yaml.Node, ctx: _Ctx, where: str, prefix: str, registry: 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate recipe text (no pool access); raise CurateError naming file:line: field."""
+    try:
+        return _parse_recipe(text, source)
+    except yaml.MarkedYAMLError as e:  # e.g. a !!python/... tag refused by the SafeLoader
+        mark = e.problem_mark or e.context_mark
+        raise CurateError(f"{source}:{mark.line + 1 if mark else '?'}: {e.problem or e}") from None
+
+
+def _parse_recipe(text: str, source: str) -> Recipe:
     registry = load_filters()
     loader = yaml.SafeLoader(text)
     try:
@@ -318,7 +327,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             vals[key] = v
     if not vals["name"] or "/" in vals["name"]:
         raise ctx.err(top["name"][1], "name", "must be a non-empty name without '/'")
-    steps = _parse_steps(top["steps"][1], ctx, "steps", "", registry)
+    steps = _parse_steps(top["steps"][1], ctx, "steps", "", registry, allow_empty=True)
     return Recipe(name=vals["name"], steps=steps, source=source, pool=vals.get("pool"), seed=vals.get("seed") or 0,
                   model=vals.get("model"), pretrained=vals.get("pretrained"))
 

@@ -46,7 +46,7 @@ MAX_FAILED_KEYS = 20  # failed sample keys kept per task in the results line (th
 class EvalConfig:
     """What to evaluate. Either `run` (a training RUN folder) or `model` (+ `pretrained`)."""
 
-    run: Path | None = None
+    run: Path | None = None  # RUN/info.json ("model"/"arch", "final_checkpoint") + RUN/final.pt
     model: str | None = None
     pretrained: str | None = None
     tasks: list[str] | None = None  # keys, "datacomp", "offline" or "all" (default)
@@ -73,9 +73,21 @@ def resolve_model(cfg: EvalConfig) -> tuple[str, str | None, Path]:
         arch = cfg.model or info.get("arch") or info.get("model")
         if not arch:
             raise CurateError(f"{info_p}: no 'arch' field naming the model architecture")
-        ckpt = cfg.pretrained or str(run / "checkpoints" / "final.pt")
-        if not os.path.isfile(ckpt):
-            raise CurateError(f"--run {run}: checkpoint {ckpt} not found (has training finished?)")
+        ckpt = cfg.pretrained
+        if ckpt is None:
+            # benchmark/train.py names the final weights in info.json ("final_checkpoint", relative
+            # to RUN); older layouts used RUN/checkpoints/final.pt
+            names = [info.get("final_checkpoint") or "final.pt", "final.pt", "checkpoints/final.pt"]
+            for name in names:
+                p = (run / str(name)).resolve()
+                if p.is_relative_to(run.resolve()) and p.is_file():
+                    ckpt = str(p)
+                    break
+            else:
+                raise CurateError(f"--run {run}: no final checkpoint ({', '.join(dict.fromkeys(map(str, names)))}); "
+                                  f"has training finished? (info.json status: {info.get('status', '?')})")
+        elif not os.path.isfile(ckpt):
+            raise CurateError(f"--pretrained {ckpt}: checkpoint file not found")
         return arch, ckpt, Path(cfg.out) if cfg.out else run / RESULTS_FILE
     if not cfg.model:
         raise CurateError("give --run RUN, or --model ARCH with --pretrained CHECKPOINT")
@@ -370,7 +382,7 @@ def format_table(summary: dict) -> str:
 
 @click.command("evaluate")
 @click.option("--run", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Training run folder (RUN/info.json names the architecture, RUN/checkpoints/final.pt the weights).")
+              help="Training run folder (RUN/info.json names the architecture and the final checkpoint, RUN/final.pt).")
 @click.option("--model", default=None, help="open_clip architecture (e.g. curate-tiny, ViT-B-32) instead of --run.")
 @click.option("--pretrained", default=None, help="Local checkpoint file for --model (omit for random init).")
 @click.option("--tasks", multiple=True,

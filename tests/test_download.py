@@ -388,3 +388,29 @@ def test_two_node_ray_cluster_produces_the_same_pool(tmp_path, serve_dir):
     meta_a, tar_a = read_pool(tmp_path / "ray_pool")
     meta_b, tar_b = read_pool(tmp_path / "ref")
     assert meta_a.equals(meta_b) and tar_a == tar_b
+
+
+# ------------------------------------------------------------------------------------------------
+# the real offline pool (curate pool build-offline), whose truth.parquet says what each row should become
+
+TRUTH_TO_STATUS = {"success": "success", "404": "failed_to_download", "truncated": "failed_to_resize",
+                   "not_image": "failed_to_resize", "bomb": "failed_to_resize", "oversized": "failed_to_download"}
+
+
+def test_offline_pool_rows_end_as_truth_says(offline_pool_small, tmp_path):
+    out = tmp_path / "pool"
+    summary = download(cfg(offline_pool_small.urls, out, shard_size=500, threads=32, image_size=64,
+                           max_bytes=2_000_000, timeout=10.0, processes=2))
+    truth = pq.read_table(offline_pool_small.truth).to_pylist()
+    meta = {r["uid"]: r for r in read_pool(out)[0].to_pylist()}
+    assert sum(summary["counts"].values()) == len(truth) == len(meta)  # uids are unique in this pool
+    wrong = []
+    for t in truth:
+        got = meta[t["uid"]]
+        want = "rejected_missing_field" if not (t["text"] or "").strip() else TRUTH_TO_STATUS[t["expected_status"]]
+        if got["status"] != want:
+            wrong.append((t["noise"], t["expected_status"], got["status"], got["error_message"]))
+        elif want == "success":
+            assert got["sha256"] == t["sha256"] and (got["original_width"], got["original_height"]) == (t["width"], t["height"])
+    assert not wrong, wrong[:10]
+    assert verify_pool(out).ok

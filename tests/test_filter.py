@@ -228,3 +228,44 @@ def test_report_shows_thumbnails_from_shards(tmp_path):
     # kept and dropped thumbnails are real images from the tars (corrupt ones are skipped, not fatal)
     assert html.count("data:image/png;base64,") >= 3 and "Dropped samples" in html and "words &lt; 2" in html
     assert s["pool_rows"] == 24
+
+
+def test_image_based_embeds_target_images_with_the_steps_model(tmp_path):
+    """Target images go through the runner's embedder (curate.models, local checkpoint) and land in their clusters."""
+    from PIL import Image
+
+    from curate.filter import ImageEmbedder
+    from curate.models import load_model, model_id, save_checkpoint
+
+    ckpt = tmp_path / "debug.pt"
+    save_checkpoint(load_model("curate-debug", None, "cpu").model, ckpt)
+    mid = model_id("curate-debug", str(ckpt))
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    paths = []
+    for i in range(40):
+        base = np.array([255, 0, 0]) if i < 20 else np.array([0, 0, 255])
+        arr = np.clip(base + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        paths.append(imgs / f"{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    emb = ImageEmbedder("curate-debug", str(ckpt), "cpu")([str(p) for p in paths])
+    assert emb.shape == (40, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    pool = tmp_path / "pool"
+    meta = write_metadata(pool, rows=[{"uid": f"{i:032x}", "text": "a red square on a table"} for i in range(40)])
+    write_embeddings(pool, mid, dim=32, image_emb={u: emb[i] for i, u in enumerate(meta["uid"].to_pylist())})
+    target = tmp_path / "target"
+    target.mkdir()
+    for i in (0, 1, 2):
+        (target / f"{i}.png").write_bytes(paths[i].read_bytes())
+    body = f"""\
+        name: ib
+        steps:
+          - image_based: {{model: curate-debug, pretrained: {ckpt}, target: {target}, n_clusters: 4,
+                          caption_filter: false}}
+        """
+    s = _run(tmp_path, pool, body)
+    kept = set(pq.read_table(tmp_path / "out" / "subset.parquet")["uid"].to_pylist())
+    assert {f"{i:032x}" for i in (0, 1, 2)} <= kept  # a target's own image is in a target cluster
+    assert 3 <= s["kept"] < 40
+    assert "image_based" in pq.read_schema(tmp_path / "out" / "subset.parquet").names

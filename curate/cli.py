@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("benchmark.submit:submit_command", "Pack a finished RUN into a verifiable submission bundle."),
     "verify": ("benchmark.submit:verify_command", "Check a submission bundle against a pool (uids, size, hashes, hyperparameters)."),
     "leaderboard": ("benchmark.leaderboard:leaderboard_command", "Local DuckDB leaderboard: ranking, --compare A B, --html."),
+    "run": ("curate.pipeline:run_cmd", "Recipe to leaderboard in one command: filter, reshard, train, evaluate, submit."),
+    "train-scorer": ("curate.scorer:train_scorer_cmd", "Train a CLIP filtering network on the pool's trusted subset (offline, DFN-style)."),
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {

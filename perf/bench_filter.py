@@ -108,18 +108,90 @@ def run_reference(work: Path) -> None:
     print(json.dumps({"kept": int(k)}), flush=True)
 
 
+def _tree_rss(pid: int) -> int:
+    """Sum of VmRSS (bytes) over `pid` and all its descendants, from /proc (worker processes included)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    stack.extend(int(c) for c in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
 def measure(side: str, work: Path) -> dict:
+    """Run one side in a child process; wall time, the child's ru_maxrss and the sampled peak of
+    the whole process tree (ru_maxrss alone would miss worker processes running concurrently)."""
+    import threading
+
     t = time.time()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.Popen([sys.executable, "-m", "perf.bench_filter", "--side", side, "--work", str(work)],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(p.pid))
+            done.wait(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     out = p.stdout.read()
+    done.set()
+    th.join()
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.time() - t
     if status != 0:
         raise SystemExit(f"{side} failed (status {status}):\n{out}")
-    return {"side": side, "wall_s": round(wall, 1), "peak_rss_gb": round(ru.ru_maxrss / 1024 / 1024, 2),
-            "result": json.loads(out.strip().splitlines()[-1])}
+    return {"side": side, "wall_s": round(wall, 1), "ru_maxrss_gb": round(ru.ru_maxrss / 1024 / 1024, 2),
+            "peak_rss_gb": round(max(peak[0], ru.ru_maxrss * 1024) / 1024 ** 3, 2),
+            "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "result": json.loads(out.strip().splitlines()[-1])}
+
+
+def quality(pool: Path, truth: Path, work: Path, fractions: list[float]) -> None:
+    """Precision/recall of clip_score at removing injected swapped captions (offline pool ground truth).
+
+    Candidates are the pool's downloaded rows; positives are those whose truth ``noise`` is
+    ``caption_swap``. Removing the bottom (1 - f) by score: precision = swapped among removed,
+    recall = removed among swapped. Random removal would have precision = the swap rate.
+    """
+    import pyarrow.parquet as pq
+
+    from curate.filter import FilterConfig, filter_pool
+    from curate.recipe import available_embeddings
+
+    models = available_embeddings(pool)
+    noise = dict(zip(*[pq.read_table(truth, columns=["uid", "noise"])[c].to_pylist() for c in ("uid", "noise")]))
+    for mid in models:
+        arch = mid.split("__")[0]
+        emb = pq.read_table(pool / "embeddings" / mid, columns=["uid", "clip_score"]).to_pandas().dropna()
+        y = np.array([noise.get(u) == "caption_swap" for u in emb.uid])
+        s = emb.clip_score.to_numpy()
+        # AUC of "low score means swapped" by the rank-sum formula
+        ranks = (-s).argsort().argsort() + 1
+        auc = (ranks[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum())
+        print(f"model {mid}: {len(s)} scored rows, {int(y.sum())} swapped ({y.mean():.1%}), AUC {auc:.3f}")
+        for f in fractions:
+            recipe = work / f"quality_{f}.yaml"
+            recipe.write_text(f"name: q{int(f * 100)}\nsteps:\n  - clip_score: {{model: {arch}, keep_top_fraction: {f}}}\n")
+            out = work / f"quality_{mid}_{f}"
+            filter_pool(FilterConfig(recipe=str(recipe), pool=str(pool), out=str(out), report=False, progress=False))
+            led = pq.read_table(out / "decisions.parquet").to_pandas()
+            led = led[led.step == "0.clip_score"]
+            removed = set(led.uid[~led.kept])
+            swapped = {u for u in led.uid if noise.get(u) == "caption_swap"}
+            tp = len(removed & swapped)
+            print(f"  keep top {f:.0%}: removed {len(removed)}, precision {tp / max(1, len(removed)):.3f}, "
+                  f"recall {tp / max(1, len(swapped)):.3f} (random removal precision {len(swapped) / len(led):.3f})")
 
 
 def main() -> None:
@@ -129,7 +201,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "work" / "perf_filter")
     ap.add_argument("--side", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--skip-reference", action="store_true", help="only time ours")
+    ap.add_argument("--quality", type=Path, help="a downloaded + embedded offline POOL: clip_score precision/recall")
+    ap.add_argument("--truth", type=Path, help="its truth.parquet (from `curate pool build-offline`)")
+    ap.add_argument("--fractions", default="0.3,0.5,0.7")
     a = ap.parse_args()
+    if a.quality:
+        a.work.mkdir(parents=True, exist_ok=True)
+        return quality(a.quality, a.truth, a.work, [float(x) for x in a.fractions.split(",")])
     if a.side == "ours":
         return run_ours(a.work)
     if a.side == "reference":
@@ -147,7 +225,8 @@ def main() -> None:
     same = np.array_equal(U.load(a.work / "ours" / "uids.npy"), np.load(a.work / "reference" / "uids.npy"))
     print(f"rows {a.rows}: ours {ours['wall_s']}s {ours['peak_rss_gb']} GB | reference {ref['wall_s']}s "
           f"{ref['peak_rss_gb']} GB | speedup {ref['wall_s'] / ours['wall_s']:.2f}x, memory "
-          f"{ours['peak_rss_gb'] / ref['peak_rss_gb']:.2f} of reference | identical uids: {same}")
+          f"{ours['peak_rss_gb'] / ref['peak_rss_gb']:.2f} of reference | CPU s ours {ours['cpu_s']} ref {ref['cpu_s']} "
+          f"| identical uids: {same}")
     if not same:
         raise SystemExit("ours and reference disagree")
 

@@ -170,6 +170,8 @@ def test_same_seed_same_bytes_and_overwrite(offline_pool_small, tmp_path):
     again = tmp_path / "again"
     again.mkdir()
     (again / "junk.txt").write_text("replace me")
+    killed = tmp_path / ".tmp-build-again-killed"  # what a build killed half-way leaves behind
+    (killed / "www").mkdir(parents=True)
     build_offline(OfflinePoolConfig(out=again, seed=0, size="small", base_url=offline_pool_small.base_url,
                                     overwrite=True, progress=False))
     assert not (again / "junk.txt").exists()

@@ -375,6 +375,9 @@ def build_offline(cfg: OfflinePoolConfig) -> dict:
     split = split_heldout(items, cfg.holdout, cfg.seed)
     lap("holdout")
 
+    # A killed build leaves its temp folder behind; its renders survive in the cache, so just drop it.
+    for stale in [*out.parent.glob(f".tmp-build-{out.name}-*"), *out.parent.glob(f".tmp-old-{out.name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-build-{out.name}-", dir=out.parent))
     except OSError as e:

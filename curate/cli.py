@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "leaderboard": ("benchmark.leaderboard:leaderboard_command", "Local DuckDB leaderboard: ranking, --compare A B, --html."),
     "run": ("curate.pipeline:run_cmd", "Recipe to leaderboard in one command: filter, reshard, train, evaluate, submit."),
     "train-scorer": ("curate.scorer:train_scorer_cmd", "Train a CLIP filtering network on the pool's trusted subset (offline, DFN-style)."),
+    "demo": ("curate.demo:demo_cmd", "The whole toolkit on the built-in offline pool, ending in a leaderboard (resumable)."),
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {

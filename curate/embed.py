@@ -15,9 +15,10 @@ silently. Each file is written atomically, so a killed run resumes at the first 
 batches never span shards, so a shard's bytes do not depend on which other shards ran with it.
 
 How the work is laid out (why it is fast):
-  * one process holds the model (loaded once); decode + preprocess + tokenize run in torch
-    DataLoader worker processes, one shard per worker at a time, so JPEG decoding overlaps the
-    forward pass (measured against a thread pool in perf/bench_embed.py);
+  * one process holds the model (loaded once); decode + preprocess + tokenize run ahead of it,
+    overlapping the forward pass: on CPU in a background thread with a small decode thread pool
+    (PIL and torchvision release the GIL; on 2 cores this beat DataLoader worker processes, see
+    perf/RESULTS.md), on GPU in torch DataLoader worker processes, one shard per worker;
   * torch.inference_mode, channels_last on CPU, fp16/bf16 autocast on CUDA;
   * text is encoded only up to the longest caption of the batch instead of the model's full context
     (exact for causal, argmax-pooled CLIP text towers: padding after the end token cannot influence
@@ -56,9 +57,13 @@ FORMAT_VERSION = "1"
 
 @dataclass
 class EmbedConfig:
-    """What `embed` needs. `workers` counts model-holding processes (Ray actors when > 1);
-    `loader_workers` counts decode processes per model process (None: 1 on CPU, 4 on GPU; 0: decode
-    in the main process)."""
+    """What `embed` needs. `workers` counts model-holding processes (Ray actors when > 1).
+
+    `decode` says where images are decoded and preprocessed while the model runs: "thread" (a
+    background thread with `loader_workers` decode threads; the CPU default, fastest on few cores,
+    see perf/RESULTS.md), "process" (a torch DataLoader with `loader_workers` worker processes; the
+    GPU default), "inline" (no overlap), or "auto". `loader_workers` None: 2 threads / 4 processes.
+    """
 
     pool: Path
     model: str = "ViT-B-32"
@@ -66,6 +71,7 @@ class EmbedConfig:
     batch_size: int = 256
     workers: int = 1
     loader_workers: int | None = None
+    decode: str = "auto"
     device: str = "auto"
     ray_address: str | None = None
     cpus_per_worker: int = 2
@@ -79,6 +85,8 @@ class EmbedConfig:
             raise CurateError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
             raise CurateError(f"--workers must be >= 1, got {self.workers}")
+        if self.decode not in ("auto", "thread", "process", "inline"):
+            raise CurateError(f"--decode must be auto, thread, process or inline, got {self.decode!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,9 +155,10 @@ class ShardBatches:
     w, w+n, ... so each shard is read by exactly one process, sequentially.
     """
 
-    def __init__(self, jobs: list[ShardJob], preprocess, tokenizer, batch_size: int, max_pixels: int):
+    def __init__(self, jobs: list[ShardJob], preprocess, tokenizer, batch_size: int, max_pixels: int,
+                 threads: int = 0):
         self.jobs, self.preprocess, self.tokenizer = jobs, preprocess, tokenizer
-        self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.batch_size, self.max_pixels, self.threads = batch_size, max_pixels, threads
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import torch
@@ -183,35 +192,53 @@ class ShardBatches:
         return images, errors
 
     def _shard_batches(self, job: ShardJob) -> Iterator[dict[str, Any]]:
-        import torch
-
         images, errors = self._read_images(job)
         n = len(job.uids)
         starts = range(0, n, self.batch_size) if n else [0]
-        for b0 in starts:
-            rows = list(range(b0, min(b0 + self.batch_size, n)))
-            tensors, img_rows = [], []
-            errs: dict[int, str] = {}
-            for i in rows:
-                if i in errors:
-                    errs[i] = errors[i]
-                    continue
-                try:
-                    tensors.append(self.preprocess(decode_image(images[i], self.max_pixels)))
-                    img_rows.append(i)
-                except ImageDecodeError as e:
-                    errs[i] = str(e)
-                except Exception as e:  # a transform failing on a decodable but odd image
-                    errs[i] = f"preprocess failed: {type(e).__name__}: {e}"
-            yield {
-                "shard": job.shard.index,
-                "rows": rows,
-                "img_rows": img_rows,
-                "images": torch.stack(tensors) if tensors else None,
-                "tokens": self.tokenizer([job.texts[i] for i in rows]) if rows else None,
-                "errors": errs,
-                "final": b0 + self.batch_size >= n,
-            }
+        pool = None
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(self.threads, thread_name_prefix="curate-decode")
+        try:
+            for b0 in starts:
+                yield self._batch(job, b0, n, images, errors, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _prepare(self, data: bytes):
+        """bytes -> (tensor, None) or (None, reason); PIL and torchvision release the GIL while working."""
+        try:
+            return self.preprocess(decode_image(data, self.max_pixels)), None
+        except ImageDecodeError as e:
+            return None, str(e)
+        except Exception as e:  # a transform failing on a decodable but odd image
+            return None, f"preprocess failed: {type(e).__name__}: {e}"
+
+    def _batch(self, job: ShardJob, b0: int, n: int, images, errors, pool) -> dict[str, Any]:
+        import torch
+
+        rows = list(range(b0, min(b0 + self.batch_size, n)))
+        tensors, img_rows = [], []
+        errs: dict[int, str] = {i: errors[i] for i in rows if i in errors}
+        todo = [i for i in rows if i not in errs]
+        done = (pool.map if pool is not None else map)(self._prepare, [images[i] for i in todo])
+        for i, (t, why) in zip(todo, done):
+            if t is None:
+                errs[i] = why
+            else:
+                tensors.append(t)
+                img_rows.append(i)
+        return {
+            "shard": job.shard.index,
+            "rows": rows,
+            "img_rows": img_rows,
+            "images": torch.stack(tensors) if tensors else None,
+            "tokens": self.tokenizer([job.texts[i] for i in rows]) if rows else None,
+            "errors": errs,
+            "final": b0 + self.batch_size >= n,
+        }
 
 
 def _iterable_dataset(batches: ShardBatches):
@@ -222,6 +249,48 @@ def _iterable_dataset(batches: ShardBatches):
             return iter(batches)
 
     return _DS()
+
+
+def _prefetch(iterable, depth: int) -> Iterator:
+    """Run `iterable` in a background thread, `depth` items ahead, re-raising its errors here.
+
+    Hand-written because torch's DataLoader only offers processes, and a queue + thread is all
+    that is needed to overlap decoding with the forward pass inside one process.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="curate-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _worker_init(_: int) -> None:
@@ -313,17 +382,20 @@ class Embedder:
 
         if self.loaded is None:
             self.setup()
-        batches = ShardBatches(jobs, self.loaded.preprocess, self.loaded.tokenizer, self.cfg.batch_size,
-                               self.cfg.max_pixels)
+        gpu = self.device.startswith("cuda")
+        mode = self.cfg.decode if self.cfg.decode != "auto" else ("process" if gpu else "thread")
         nw = self.cfg.loader_workers
         if nw is None:
-            nw = 4 if self.device.startswith("cuda") else 1
-        nw = min(nw, len(jobs))
-        if nw > 0:
+            nw = 4 if mode == "process" else 2
+        batches = ShardBatches(jobs, self.loaded.preprocess, self.loaded.tokenizer, self.cfg.batch_size,
+                               self.cfg.max_pixels, threads=nw if mode == "thread" else 0)
+        if mode == "process" and nw > 0:
             loader = torch.utils.data.DataLoader(
-                _iterable_dataset(batches), batch_size=None, num_workers=nw, worker_init_fn=_worker_init,
-                prefetch_factor=2, pin_memory=self.device.startswith("cuda"),
+                _iterable_dataset(batches), batch_size=None, num_workers=min(nw, len(jobs)),
+                worker_init_fn=_worker_init, prefetch_factor=2, pin_memory=gpu,
             )
+        elif mode == "thread":
+            loader = _prefetch(batches, depth=2)
         else:
             loader = batches
         by_index = {j.shard.index: j for j in jobs}
@@ -533,15 +605,18 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Model-holding processes. >1 runs Ray actors (one per GPU, or per --cpus-per-worker CPUs), "
                    "each loading the model once and pulling whole shards.")
+@click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "thread", "process", "inline"]),
+              help="Where images are decoded while the model runs: a thread pool (CPU default), DataLoader "
+                   "worker processes (GPU default) or inline.")
 @click.option("--loader-workers", default=None, type=int,
-              help="Decode/preprocess processes per model process [default: 1 on CPU, 4 on GPU; 0 = inline].")
+              help="Decode threads or processes per model process [default: 2 threads, 4 processes].")
 @click.option("--cpus-per-worker", default=2, show_default=True, type=int, help="CPUs per Ray actor (CPU runs).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto uses CUDA when available.")
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster (e.g. 'auto' or 'ray://host:10001').")
 @click.option("--shard", "shards", multiple=True, type=int, help="Only these shard numbers (repeatable).")
-def embed_cmd(pool, model, pretrained, batch_size, workers, loader_workers, cpus_per_worker, device, ray_address,
-              shards):
+def embed_cmd(pool, model, pretrained, batch_size, workers, decode, loader_workers, cpus_per_worker, device,
+              ray_address, shards):
     """Compute open_clip image and text embeddings and CLIP scores for every successful pool row.
 
     Writes POOL/embeddings/<model-id>/{shard}.parquet (uid, image_emb, text_emb, clip_score, error),
@@ -553,7 +628,7 @@ def embed_cmd(pool, model, pretrained, batch_size, workers, loader_workers, cpus
     import sys
 
     cfg = EmbedConfig(pool=pool, model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
-                      loader_workers=loader_workers, device=device, ray_address=ray_address,
+                      loader_workers=loader_workers, decode=decode, device=device, ray_address=ray_address,
                       cpus_per_worker=cpus_per_worker, shards=list(shards) or None, progress=sys.stderr.isatty())
     s = embed(cfg)
     if s["up_to_date"]:

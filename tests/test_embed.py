@@ -264,14 +264,17 @@ def test_external_sigkill_mid_run_then_resume(tmp_path, ckpt):
     assert total == len(fp.success_uids())
 
 
-def test_decode_workers_and_inline_decode_agree(tmp_path, ckpt):
-    fp = make_pool(tmp_path / "a", n_shards=3, per_shard=9, corrupt=1, failed=1)
-    shutil.copytree(fp.pool, tmp_path / "b")
+def test_thread_process_and_inline_decode_write_identical_files(tmp_path, ckpt):
+    fp = make_pool(tmp_path / "inline", n_shards=3, per_shard=9, corrupt=1, failed=1)
     cfg = dict(model=ARCH, pretrained=str(ckpt), batch_size=4, progress=False)
-    s0 = embed(EmbedConfig(pool=fp.pool, loader_workers=0, **cfg))
-    s2 = embed(EmbedConfig(pool=tmp_path / "b", loader_workers=2, **cfg))
-    for f0, f2 in zip(sorted(Path(s0["out_dir"]).glob("*.parquet")), sorted(Path(s2["out_dir"]).glob("*.parquet"))):
-        assert pq.read_table(f0).equals(pq.read_table(f2))
+    shutil.copytree(fp.pool, tmp_path / "thread")
+    shutil.copytree(fp.pool, tmp_path / "process")
+    digests = {}
+    for mode, n in (("inline", 0), ("thread", 3), ("process", 2)):
+        s = embed(EmbedConfig(pool=tmp_path / mode, decode=mode, loader_workers=n, **cfg))
+        assert (s["written"], s["rows"], s["errors"]) == (3, 24, 3)
+        digests[mode] = [hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(s["out_dir"]).glob("*.parquet"))]
+    assert digests["inline"] == digests["thread"] == digests["process"]
 
 
 def test_damaged_tar_and_missing_samples_are_recorded_not_fatal(tmp_path, ckpt):

@@ -310,8 +310,12 @@ class Runner:
                 workers = self.cfg.workers or min(os.cpu_count() or 1, 4)
                 parallel = (step.cls.scope == "row" and workers > 1
                             and (self.executed[-1]["kept"] if self.executed else 0) > self.cfg.batch_rows)
-                results = (_parallel_apply(step, ctx, batches, want_emb, workers) if parallel
-                           else ((t, _apply_batch(filt, t, want_emb, ctx)) for t in batches))
+                if step.cls.scope == "row" and self.cfg.ray_address:
+                    results = _ray_apply(step, ctx, batches, want_emb, self.cfg.ray_address)
+                elif parallel:
+                    results = _parallel_apply(step, ctx, batches, want_emb, workers)
+                else:
+                    results = ((t, _apply_batch(filt, t, want_emb, ctx)) for t in batches)
                 for table, res in results:
                     n = table.num_rows
                     if n == 0 and writer is not None:
@@ -447,6 +451,40 @@ def _parallel_apply(step: Step, ctx: dict[str, Any], batches, want_emb: list[str
             yield t, fut.result()
 
 
+def _ray_worker_apply(name: str, params: Any, ctx: dict[str, Any], table: pa.Table, want_emb: list[str]):
+    """Ray task body: one filter instance per worker process (cached), then `_apply_batch`."""
+    key = (name, repr(params))
+    if _WORKER.get("key") != key:
+        _worker_init(name, params, ctx)
+        _WORKER["key"] = key
+    return _apply_batch(_WORKER["filt"], table, want_emb, _WORKER["ctx"])
+
+
+def _ray_apply(step: Step, ctx: dict[str, Any], batches, want_emb: list[str], address: str):
+    """Like `_parallel_apply`, with Ray tasks on the cluster at `address` ("local" starts one here).
+
+    Batches are streamed: at most 2 x the cluster's CPUs are in flight, results come back in order.
+    """
+    import ray
+    from collections import deque
+
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    remote = ray.remote(_ray_worker_apply)
+    depth = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    wctx = {k: v for k, v in ctx.items() if not callable(v)}
+    pending: deque = deque()
+    for table in batches:
+        pending.append((table, remote.remote(step.name, step.params, wctx, table, want_emb)))
+        if len(pending) >= depth:
+            t, ref = pending.popleft()
+            yield t, ray.get(ref)
+    while pending:
+        t, ref = pending.popleft()
+        yield t, ray.get(ref)
+
+
 def _empty_result():
     from filters.base import StepResult
 
@@ -513,8 +551,6 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
     removed = cleanup_temp_files(out)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
-    if cfg.ray_address:
-        log.warning("--ray-address: steps run in this process with DuckDB; Ray distribution of row steps is not implemented yet")
 
     runner = Runner(cfg, recipe, pool, out)
     fingerprints = runner.input_fingerprints()
@@ -625,7 +661,9 @@ def _parse_pretrained(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--pretrained", multiple=True, metavar="[ARCH=]WEIGHTS",
               help="Weights (tag or checkpoint path) for steps whose recipe leaves `pretrained:` unset; "
                    "ARCH= limits it to one architecture. Repeatable.")
-@click.option("--ray-address", default=None, help="Ray cluster address (accepted; steps currently run locally).")
+@click.option("--ray-address", default=None,
+              help="Run row-scope filters as Ray tasks on this cluster ('local' starts one here). DuckDB reads and "
+                   "pool-scope filters stay in this process.")
 @click.option("--memory-limit", default="3GB", show_default=True, help="DuckDB memory limit; it spills to disk beyond.")
 @click.option("--batch-rows", default=200_000, show_default=True, help="Rows per batch handed to row-scope filters.")
 @click.option("--workers", default=None, type=int, help="Processes for row-scope filters [default: CPU count, max 4].")

@@ -269,3 +269,15 @@ def test_image_based_embeds_target_images_with_the_steps_model(tmp_path):
     assert {f"{i:032x}" for i in (0, 1, 2)} <= kept  # a target's own image is in a target cluster
     assert 3 <= s["kept"] < 40
     assert "image_based" in pq.read_schema(tmp_path / "out" / "subset.parquet").names
+
+
+def test_ray_row_filters_match_local(tmp_path, pool):
+    ray = pytest.importorskip("ray")
+    try:
+        a = _run(tmp_path, pool, "name: b\nsteps:\n  - basic: {}\n", out="a", workers=1)
+        b = _run(tmp_path, pool, "name: b\nsteps:\n  - basic: {}\n", out="b", batch_rows=700, ray_address="local")
+    finally:
+        ray.shutdown()
+    assert a["kept"] == b["kept"]
+    assert pq.read_table(tmp_path / "a" / "decisions.parquet").sort_by([("step", "ascending"), ("uid", "ascending")]) \
+        .equals(pq.read_table(tmp_path / "b" / "decisions.parquet").sort_by([("step", "ascending"), ("uid", "ascending")]))

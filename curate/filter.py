@@ -262,7 +262,7 @@ class Runner:
             where = "m.status = 'success'"
         else:
             src = f"read_parquet({_sql_str(prev)}) p JOIN meta m ON m.uid = p.uid"
-            where = "p.kept"
+            where = "p.kept AND m.status = 'success'"
         q = f"SELECT {', '.join(select)} FROM {src} {' '.join(joins)} WHERE {where}"
         if cls.scope == "pool":
             q += " ORDER BY m.uid"

@@ -77,11 +77,10 @@ def _captions(rng: np.random.Generator, n: int, foreign_fraction: float) -> pa.A
 def generate_metadata(
     n_rows: int, n_files: int = 1, seed: int = 0, failed_fraction: float = 0.08,
     resize_fraction: float = 0.02, foreign_fraction: float = 0.2,
-) -> list[pa.Table]:
-    """Metadata tables, one per file, with the contract schema (not written)."""
+):
+    """Yield metadata tables, one per file, with the contract schema (one file in memory at a time)."""
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, n_rows, n_files + 1).astype(np.int64)
-    tables = []
     for f in range(n_files):
         n = int(bounds[f + 1] - bounds[f])
         uids = _hex_uids(rng, n)
@@ -100,7 +99,7 @@ def generate_metadata(
         url = pc.binary_join_element_wise(pa.array(np.full(n, "http://127.0.0.1:8000/img/", dtype=object)), uids, "")
         err = np.where(status == "failed_to_download", "HTTP Error 404: Not Found",
                        np.where(status == "failed_to_resize", "cannot identify image file", None))
-        tables.append(pa.table(
+        yield pa.table(
             {
                 "uid": uids, "url": url, "text": text,
                 "shard": pa.array(np.full(n, f, dtype=np.int64)), "key": key,
@@ -110,15 +109,14 @@ def generate_metadata(
                 "sha256": pa.nulls(n, pa.string()),
             },
             schema=METADATA_SCHEMA,
-        ))
-    return tables
+        )
 
 
 def write_metadata(pool: str | Path, n_rows: int = 0, n_files: int = 1, seed: int = 0,
-                   rows: Sequence[dict] | None = None, **kw) -> pa.Table:
+                   rows: Sequence[dict] | None = None, **kw) -> pa.Table | None:
     """Write POOL/metadata/NNNNNNNN.parquet; `rows` (dicts, missing fields filled) or generated rows.
 
-    Returns all rows as one table (small pools only; the perf bench ignores it).
+    Returns all rows as one table, or None above 1M rows (kept out of memory for the perf bench).
     """
     meta = Path(pool) / "metadata"
     meta.mkdir(parents=True, exist_ok=True)
@@ -135,9 +133,12 @@ def write_metadata(pool: str | Path, n_rows: int = 0, n_files: int = 1, seed: in
         tables = [table.slice(bounds[f], bounds[f + 1] - bounds[f]) for f in range(n_files)]
     else:
         tables = generate_metadata(n_rows, n_files, seed, **kw)
+    kept = []
     for f, t in enumerate(tables):
         pq.write_table(t, meta / f"{f:08d}.parquet")
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if rows is not None or n_rows <= 1_000_000:
+            kept.append(t)
+    return pa.concat_tables(kept) if kept else None
 
 
 def embeddings_schema(dim: int) -> pa.Schema:

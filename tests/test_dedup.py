@@ -195,7 +195,7 @@ def test_large_clique_is_one_group():
 def test_choose_index_policy():
     assert faiss_index.choose_index(1000).kind == "flat"
     c = faiss_index.choose_index(1_000_000)
-    assert c.kind == "ivf" and c.nlist == 2048 and c.nprobe == faiss_index.DEFAULT_NPROBE
+    assert c.kind == "ivf" and c.nlist == 2048 and c.nprobe == faiss_index.DEFAULT_NPROBE == 4
     assert faiss_index.choose_index(50, "ivf").nlist == 1
     with pytest.raises(ValueError, match="index must be"):
         faiss_index.choose_index(10, "hnsw")

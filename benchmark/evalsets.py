@@ -44,6 +44,7 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb cap; evaluation images are far smaller
 BUILD_VERSION = 1  # bump when the offline builder's output changes, to rebuild old folders
 SHARD_SIZE = 5000
+SMALL_SET_BYTES = 4 << 20  # below this, decode in-process (see iter_batches)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -232,8 +233,11 @@ def iter_batches(evalset: EvalSet, transform, batch_size: int = 64, num_workers:
     ds = wds.WebDataset(
         [str(s) for s in evalset.shards], shardshuffle=False, nodesplitter=lambda src: src,
     ).map(_Prepare(transform, transform_output_size(transform)))
-    # One worker per shard at most: webdataset splits shards across workers.
+    # One worker per shard at most (webdataset splits shards across workers); a small set is read in
+    # this process, since starting a worker costs more than decoding a few hundred small images.
     nw = max(0, min(num_workers, len(evalset.shards)))
+    if sum(s.stat().st_size for s in evalset.shards) < SMALL_SET_BYTES:
+        nw = 0
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=nw, collate_fn=_collate)
     yield from loader
 

@@ -123,7 +123,8 @@ def test_run_writes_results_reports_missing_and_resumes(world, tmp_path):
     assert s4["computed"] == ["offline/digits"] and set(read_results(out)) == {"offline/digits"}
 
 
-def test_corrupt_image_is_recorded_not_fatal(world, tmp_path):
+def test_corrupt_image_is_recorded_not_fatal(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "SMALL_SET_BYTES", 0)  # decode in a DataLoader worker process, as big sets do
     s = evaluate(EvalConfig(model=ARCH, pretrained=str(world["ckpt"]), tasks=["svhn"], evalsets=world["evalsets"],
                             out=tmp_path / "r.jsonl", num_workers=1, progress=False))
     rec = s["results"]["vtab/svhn"]

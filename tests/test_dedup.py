@@ -205,3 +205,54 @@ def test_registered_and_params_validated_by_recipe():
     from curate.recipe import load_filters
 
     assert load_filters()["dedup"] is DedupFilter
+
+
+def test_through_the_recipe_runner(tmp_path):
+    """dedup + semdedup + knowledge as recipe steps: ledger reasons, text_augmented, outputs reconcile."""
+    import textwrap
+
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from curate.filter import FilterConfig, filter_pool
+    from curate.uids import make_uid
+    from tests.metadata_factory import write_embeddings, write_metadata
+
+    rng = np.random.default_rng(11)
+    n = 40
+    uids = [make_uid(f"http://x/{i}.jpg", f"row {i}") for i in range(n)]
+    texts = ["salmon sashimi" if i == 7 else f"a dog in the park number {i}" for i in range(n)]
+    rows = [{"uid": uids[i], "text": texts[i], "key": f"{i:09d}", "sha256": f"{i:064x}"} for i in range(n)]
+    rows[25]["sha256"] = rows[4]["sha256"]  # exact copy of row 4
+    rows[30]["status"] = "failed_to_download"
+    write_metadata(tmp_path / "pool", rows=rows, n_files=2)
+    v = unit(rng.standard_normal((n, 16)))
+    v[33] = near(v[12], 0.99, rng)  # near copy of row 12 (float16 storage keeps it > 0.95)
+    write_embeddings(tmp_path / "pool", "curate-debug__0123456789ab", dim=16,
+                     image_emb={uids[i]: v[i] for i in range(n)})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent("""\
+        name: dedup_knowledge
+        steps:
+          - dedup: {model: curate-debug, threshold: 0.95}
+          - semdedup: {model: curate-debug, clusters: 2, eps: 0.01}
+          - knowledge: {rare_below: 2}
+        """))
+    summary = filter_pool(FilterConfig(recipe=str(recipe), pool=str(tmp_path / "pool"), out=str(tmp_path / "out"),
+                                       progress=False, report=False))
+    assert summary is not None
+    con = duckdb.connect()
+    dec = con.sql(f"SELECT uid, step, kept, reason FROM read_parquet('{tmp_path / 'out' / 'decisions.parquet'}')"
+                  ).to_arrow_table().to_pylist()
+    by = {(d["uid"], d["step"].split(".")[-1]): d for d in dec}
+    assert not by[(uids[25], "dedup")]["kept"]
+    assert by[(uids[25], "dedup")]["reason"].startswith(f"duplicate of {uids[4]} (same sha256")
+    assert not by[(uids[33], "dedup")]["kept"] and f"duplicate of {uids[12]}" in by[(uids[33], "dedup")]["reason"]
+    subset = pq.read_table(tmp_path / "out" / "subset.parquet").to_pandas()
+    assert len(subset) == n - 3  # failed row, exact copy, near copy
+    assert set(subset.uid) == set(uids) - {uids[25], uids[30], uids[33]}
+    row7 = subset[subset.uid == uids[7]].iloc[0]
+    assert row7.text == "salmon sashimi"
+    assert row7.text_augmented.startswith("salmon sashimi. ") and "sashimi: very thinly sliced raw fish" in row7.text_augmented
+    other = subset[subset.uid != uids[7]]
+    assert (other.text_augmented == other.text).all()  # "dog", "park": common in this pool

@@ -292,13 +292,13 @@ padding:3px 8px;text-align:right}}td:nth-child(2),th:nth-child(2){{text-align:le
 @click.option("--scale", help="Only submissions at this scale.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write an HTML page with plots (average vs subset size, per-task bars, seed spread).")
-@click.option("--compare", nargs=2, metavar="A B", help="Per-task deltas (B - A) of two submissions, averaged over seeds.")
+@click.option("--compare", "compare_names", nargs=2, metavar="A B", help="Per-task deltas (B - A) of two submissions, averaged over seeds.")
 @click.option("--db", type=click.Path(path_type=Path, dir_okay=False),
               help="Leaderboard DuckDB file (default $CURATE_LEADERBOARD or ~/.local/share/curate/leaderboard.duckdb).")
 @click.option("--add", "add", multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Add a submission bundle directory first (repeatable); `curate submit` does this for you.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON lines instead of a table.")
-def leaderboard_command(scale: str | None, html_out: Path | None, compare: tuple[str, str] | None, db: Path | None,
+def leaderboard_command(scale: str | None, html_out: Path | None, compare_names: tuple[str, str] | None, db: Path | None,
                         add: tuple[Path, ...], as_json: bool) -> None:
     """Show the local leaderboard: submissions ranked by their average over tasks (mean ± std over seeds).
 
@@ -307,8 +307,9 @@ def leaderboard_command(scale: str | None, html_out: Path | None, compare: tuple
     db = db or default_db()
     for b in add:
         add_bundle(db, b)
-    if compare:
-        click.echo(format_compare(compare[0], compare[1], compare_fn(db, compare[0], compare[1], scale)))
+    if compare_names:
+        a, b = compare_names
+        click.echo(format_compare(a, b, compare(db, a, b, scale)))
         return
     rows = standings(db, scale)
     if as_json:
@@ -322,5 +323,3 @@ def leaderboard_command(scale: str | None, html_out: Path | None, compare: tuple
         write_html(db, html_out, scale)
         click.echo(f"wrote {html_out}")
 
-
-compare_fn = compare

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import click
 
@@ -128,7 +128,7 @@ def _stale_run(run: Path, subset: Path) -> bool:
 def train_and_evaluate(subset: Path, run: Path, scale: str, seed: int, tasks: list[str], evalsets: Path,
                        device: str, workers: int, progress: bool, log: StageLog) -> dict:
     """Train one seed on SUBSET into RUN (resuming an interrupted run) and evaluate it; return eval summary."""
-    from benchmark.evaluate import EvalConfig, evaluate
+    from benchmark.evaluate import EvalConfig
     from benchmark.train import TrainConfig, train
 
     if _stale_run(run, subset):
@@ -171,7 +171,6 @@ def _eval_detail(s: dict) -> str:
 def run_recipe(cfg: RunConfig, log: StageLog | None = None) -> dict:
     """Run the whole pipeline for one recipe and its seeds; return {subset, runs, bundles, standings}."""
     from benchmark.leaderboard import default_db, format_standings, standings
-    from benchmark.submit import SubmitConfig, submit
     from curate.filter import FilterConfig, filter_pool
     from curate.recipe import load_recipe
     from curate.reshard import ReshardConfig, reshard

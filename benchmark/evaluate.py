@@ -308,10 +308,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     progress = cfg.progress if cfg.progress is not None else os.isatty(2)
     mid = make_model_id(arch, ckpt)
 
-    existing = {} if cfg.force else read_results(out)
-    # scores of another model (e.g. a re-trained checkpoint) are dropped, never mixed
-    results = {k: r for k, r in existing.items() if r.get("model_id") == mid}
-    stale = sorted(set(existing) - set(results))
+    try:
+        existing = read_results(out)
+    except CurateError:
+        if not cfg.force:
+            raise
+        existing = {}  # --force: an unreadable results file is replaced
+    # scores of another model (e.g. a re-trained checkpoint) are dropped, never mixed; --force
+    # recomputes the selected tasks and keeps this model's other results
+    selected = {t.key for t in tasks}
+    results = {k: r for k, r in existing.items() if r.get("model_id") == mid and not (cfg.force and k in selected)}
+    stale = sorted(k for k, r in existing.items() if r.get("model_id") != mid)
     if stale:
         log.warning("dropping %d results of another model from %s", len(stale), out)
 

@@ -229,3 +229,44 @@ def test_cli_table_and_user_errors(world, tmp_path):
     assert r.exit_code == 2 and "line 2: not a results record" in r.output
     r = CliRunner().invoke(main, ["evaluate", "--model", ARCH, "--tasks", "nonesuch"])
     assert r.exit_code == 2 and "unknown task 'nonesuch'" in r.output
+
+
+def test_winogavil_layout_scores_like_datacomp(world, tmp_path):
+    """WinoGAViL: per instance the top-n candidates for the cue prompt, Jaccard vs the true ones."""
+    import torch
+
+    from benchmark.evaluate import encode_texts, winogavil_prompt
+    from benchmark.metrics import winogavil_jaccard
+    from curate.models import load_model
+
+    colors = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (250, 250, 250),
+              "black": (5, 5, 5), "yellow": (230, 230, 20), "cyan": (20, 220, 220), "pink": (250, 150, 200),
+              "grey": (128, 128, 128), "orange": (250, 140, 10)}
+    names = list(colors)
+    instances = [("apple", names[:5], ["red", "green"]), ("ocean", names[:10], ["blue", "cyan", "white"]),
+                 ("fire", names[:6], ["red", "orange"])]
+    samples = []
+    for i, (cue, cands, assoc) in enumerate(instances):
+        s = {"__key__": f"{i:04d}", "json": json.dumps({"cue": cue, "candidates": cands, "associations": assoc})}
+        for j, c in enumerate(cands):
+            s[f"{j}.png"] = _png(colors[c])
+        samples.append(s)
+    ev = tmp_path / "ev"
+    E.write_evalset(ev / "wds_misc-winogavil_test", samples, None, None, dataset_type="winogavil")
+    s = evaluate(EvalConfig(model=ARCH, pretrained=str(world["ckpt"]), tasks=["winogavil"], evalsets=ev,
+                            out=tmp_path / "r.jsonl", progress=False))
+    rec = s["results"]["misc/winogavil"]
+    assert rec["n"] == 3 and rec["main_metric"] == "jaccard_score_10-12"
+
+    lm = load_model(ARCH, str(world["ckpt"]), "cpu")
+    scores, truths = [], []
+    for cue, cands, assoc in instances:
+        imgs = torch.stack([lm.preprocess(Image.open(io.BytesIO(_png(colors[c])))) for c in cands])
+        with torch.no_grad():
+            f = torch.nn.functional.normalize(lm.model.encode_image(imgs), dim=-1)
+        scores.append((encode_texts(lm, [winogavil_prompt(cue)]) @ f.T)[0].numpy())
+        truths.append(np.isin(cands, assoc))
+    ref = winogavil_jaccard(scores, truths)
+    for k, v in ref.items():
+        assert rec["metrics"][k] == (None if v is None else pytest.approx(v, abs=1e-6)), k
+    assert winogavil_prompt("Apple") == "An apple" and winogavil_prompt("fire") == "A fire"

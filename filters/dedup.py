@@ -131,6 +131,11 @@ class DedupFilter(Filter):
         super().__init__(params)
         self.seed = 0
         self.last_index: faiss_index.IndexChoice | None = None
+        # What these params actually read (a runner that honours instance declarations loads less).
+        on = params.on
+        self.embeddings = ("image", "text") if on == "both" else (on,)
+        self.columns = ("sha256", "shard", "key") + (("text",) if on != "image" else ()) + (
+            ("clip_score",) if params.keep == "highest_clip_score" else ())
 
     def setup(self, context) -> None:
         self.seed = int(context.get("seed") or 0)

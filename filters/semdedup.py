@@ -91,6 +91,7 @@ class SemDedupFilter(Filter):
         super().__init__(params)
         self.seed = 0
         self.n_clusters = 0
+        self.embeddings = (params.on,)  # what these params read (the class declares the superset)
 
     def setup(self, context) -> None:
         self.seed = int(context.get("seed") or 0)

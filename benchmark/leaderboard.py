@@ -181,10 +181,11 @@ def format_standings(rows: list[Standing]) -> str:
 
 def format_compare(a: str, b: str, rows) -> str:
     w = max([len(r[0]) for r in rows] + [8])
-    head = f"{'task':<{w}} {a[:14]:>14} {b[:14]:>14} {'delta (B-A)':>12}"
+    c = max(len(a), len(b), 10)
+    head = f"{'task':<{w}} {a:>{c}} {b:>{c}} {'delta (B-A)':>12}"
     lines = [head, "-" * len(head)]
     for key, ma, mb, d in rows:
-        lines.append(f"{key:<{w}} {_fmt(ma):>14} {_fmt(mb):>14} {_fmt(d, '+.4f'):>12}")
+        lines.append(f"{key:<{w}} {_fmt(ma):>{c}} {_fmt(mb):>{c}} {_fmt(d, '+.4f'):>12}")
     return "\n".join(lines)
 
 

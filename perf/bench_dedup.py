@@ -2,6 +2,7 @@
 
     .venv/bin/python -m perf.bench_dedup                      # full size (~10 min on 2 busy cores)
     .venv/bin/python -m perf.bench_dedup --n 100000 --pairs 1000 --sample 20000   # quick look
+    .venv/bin/python -m perf.bench_dedup --concurrent   # both sides at once: compare CPU seconds
     .venv/bin/python -m perf.bench_dedup --quality POOL --truth BUILD/truth.parquet  # offline pool quality
 
 What is measured, each side in its own child process (so peak RSS is that side's alone):
@@ -198,17 +199,18 @@ def quality(args) -> None:
                   f"{np.mean(nearh):.3f} of {len(nearh)}) | {correct / max(1, len(dropped)):.3f} |")
 
 
-def run_child(side: str, args) -> dict:
+def start_child(side: str, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "perf.bench_dedup", "--child", side, "--n", str(args.n), "--d", str(args.d),
            "--pairs", str(args.pairs), "--sample", str(args.sample), "--index", args.index]
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.stderr.write(out.stderr)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_child(side: str, proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.stderr.write(err)
         raise SystemExit(f"{side} child failed")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    res["process_s"] = time.perf_counter() - t0
-    return res
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
@@ -219,6 +221,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sample", type=int, default=100_000)
     ap.add_argument("--index", default="auto")
     ap.add_argument("--child", choices=["ours", "exact"])
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run both sides at once (each still its own process; compare CPU seconds, not wall)")
     ap.add_argument("--quality", metavar="POOL", help="measure recall/precision on a downloaded + embedded pool")
     ap.add_argument("--truth", help="the offline pool builder's truth.parquet (with --quality)")
     ap.add_argument("--model-id", help="embeddings folder to use (default: the pool's first)")
@@ -234,12 +238,17 @@ def main(argv=None) -> None:
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
-    ours = run_child("ours", args)
-    exact = run_child("exact", args)
+    if args.concurrent:
+        procs = {side: start_child(side, args) for side in ("ours", "exact")}
+        ours, exact = (finish_child(side, procs[side]) for side in ("ours", "exact"))
+    else:
+        ours = finish_child("ours", start_child("ours", args))
+        exact = finish_child("exact", start_child("exact", args))
     scale = (args.n / args.sample) ** 2
     exact_full = exact["wall_s"] * scale
     data_mib = args.n * args.d * 4 / 2**20
-    print(f"# bench_dedup: n={args.n:,} d={args.d} planted pairs={args.pairs:,} threads={os.cpu_count()} "
+    print(f"# bench_dedup: n={args.n:,} d={args.d} planted pairs={args.pairs:,} cores={os.cpu_count()} "
+          f"{'both sides concurrently' if args.concurrent else 'one side after the other'}, "
           f"({platform.processor() or platform.machine()}), load avg at end {os.getloadavg()[0]:.1f}")
     print(f"ours ({ours['index']}): dedup wall {ours['wall_s']:.1f} s, peak RSS {ours['peak_rss_mib']:.0f} MiB "
           f"(the float32 embeddings alone are {data_mib:.0f} MiB), recall of planted pairs {ours['recall']:.4f}, "

@@ -108,7 +108,7 @@ def demo(cfg: DemoConfig) -> dict:
     from curate.embed import EmbedConfig, embed
     from curate.offline.build import OfflinePoolConfig, build_offline
     from curate.pipeline import RunConfig, StageLog, run_recipe
-    from curate.scorer import ScorerConfig, train_scorer
+    from curate.scorer import ScorerConfig, caption_swap_auc, train_scorer
 
     w = cfg.work
     w.mkdir(parents=True, exist_ok=True)
@@ -130,10 +130,14 @@ def demo(cfg: DemoConfig) -> dict:
                                                    progress=cfg.progress)),
                  lambda s: f"{s['trusted_rows']} trusted pairs -> {s['out']}")
     arch = sc["arch"]
-    log.run(f"embed pool with the scorer ({arch})",
-            lambda: embed(EmbedConfig(pool=pool, model=arch, pretrained=str(scorer), device=cfg.device,
-                                      progress=cfg.progress)),
-            lambda s: f"{s.get('model_id')}")
+    embedded = log.run(f"embed pool with the scorer ({arch})",
+                       lambda: embed(EmbedConfig(pool=pool, model=arch, pretrained=str(scorer), device=cfg.device,
+                                                 progress=cfg.progress)),
+                       lambda s: f"{s.get('model_id')}")
+    auc = caption_swap_auc(pool, embedded["model_id"], Path(sc["truth"]))
+    click.echo(f"      scorer check: CLIP score separates clean pairs from swapped captions with ROC AUC "
+               f"{auc['auc']:.3f} ({auc['n_clean']} clean, {auc['n_swapped']} swapped; 0.5 = chance)"
+               if auc["auc"] is not None else "      scorer check: no clean/swapped rows to compare")
     log.run("build offline evaluation suite",
             lambda: _evalsets(build_evalsets(BuildOfflineConfig(out=evalsets, pool_dir=build))),
             lambda s: ", ".join(f"{k.split('/')[-1]} {v.get('n')}" for k, v in s.items() if isinstance(v, dict)))
@@ -153,7 +157,7 @@ def demo(cfg: DemoConfig) -> dict:
         best = next(n for n in names if n != "no_filter")
         cmp_text = format_compare("no_filter", best, compare(db, "no_filter", best, cfg.scale))
     seconds = round(time.perf_counter() - t_start, 1)
-    summary = {"stages": log.records, "seconds": seconds, "table": format_standings(rows), "compare": cmp_text,
+    summary = {"stages": log.records, "seconds": seconds, "scorer_caption_swap_auc": auc, "table": format_standings(rows), "compare": cmp_text,
                "html": str(html), "db": str(db), "scale": cfg.scale, "seeds": cfg.seeds, "size": cfg.size}
     atomic.write_json(w / "demo.json", summary)
     return summary

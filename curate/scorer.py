@@ -153,6 +153,42 @@ def train_scorer(cfg: ScorerConfig) -> dict:
     }
 
 
+def caption_swap_auc(pool: Path, model_id: str, truth: Path) -> dict:
+    """How well the scorer's CLIP score separates clean pairs from swapped captions (ROC AUC, Mann-Whitney).
+
+    Uses the pool's embeddings for `model_id` and truth.parquet's noise kinds: positives are rows with noise
+    ``none``, negatives rows with ``caption_swap``. 0.5 is chance; this is the quality the CLIP-score filter gets.
+    """
+    import duckdb
+    import numpy as np
+
+    emb = Path(pool) / "embeddings" / model_id
+    if not any(emb.glob("*.parquet")):
+        raise CurateError(f"{emb}: no embeddings; run `curate embed` with this model first")
+    q = lambda p: "'" + str(p).replace("'", "''") + "'"  # noqa: E731
+    con = duckdb.connect()
+    rows = con.execute(
+        f"""SELECT t.noise = 'none' AS clean, e.clip_score FROM read_parquet({q(emb / '*.parquet')}) e
+            JOIN read_parquet({q(truth)}) t USING (uid)
+            WHERE t.noise IN ('none', 'caption_swap') AND e.clip_score IS NOT NULL AND NOT isnan(e.clip_score)"""
+    ).fetchall()
+    con.close()
+    clean = np.array([r[0] for r in rows], dtype=bool)
+    score = np.array([r[1] for r in rows], dtype=np.float64)
+    n_pos, n_neg = int(clean.sum()), int((~clean).sum())
+    if not n_pos or not n_neg:
+        return {"auc": None, "n_clean": n_pos, "n_swapped": n_neg}
+    order = score.argsort(kind="stable")
+    ranks = np.empty(len(score))
+    ranks[order] = np.arange(1, len(score) + 1)
+    # average ranks of ties, so equal scores count one half
+    _, inv, counts = np.unique(score, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = sums[inv] / counts[inv]
+    auc = (ranks[clean].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return {"auc": float(auc), "n_clean": n_pos, "n_swapped": n_neg}
+
+
 @click.command("train-scorer")
 @click.option("--pool", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Downloaded POOL to take the trusted samples from.")

@@ -119,3 +119,20 @@ def test_train_scorer_on_trusted_rows(tmp_path):
     with pytest.raises(CurateError, match="too few"):
         train_scorer(ScorerConfig(pool=fp.pool, out=tmp_path / "x.pt", truth=truth, sources=("twemoji",),
                                   scale="debug", progress=False))
+
+
+def test_caption_swap_auc_hand_computed(tmp_path):
+    from curate.scorer import caption_swap_auc
+
+    uids = [f"{i:032x}" for i in range(6)]
+    emb = tmp_path / "pool" / "embeddings" / "m__x"
+    # clean: 0.9, 0.5, 0.3 ; swapped: 0.5, 0.1 ; a row of another noise kind is ignored ; NaN rows are ignored
+    atomic.write_parquet(emb / "00000000.parquet", pa.table({
+        "uid": uids, "clip_score": pa.array([0.9, 0.5, 0.3, 0.5, 0.1, 0.99], pa.float32())}))
+    truth = tmp_path / "truth.parquet"
+    atomic.write_parquet(truth, pa.table({"uid": uids, "noise": ["none"] * 3 + ["caption_swap"] * 2 + ["exact_dup"]}))
+    r = caption_swap_auc(tmp_path / "pool", "m__x", truth)
+    # pairs (clean > swapped): 0.9>0.5, 0.9>0.1, 0.5=0.5 (half), 0.5>0.1, 0.3>0.1 ; 0.3<0.5 -> 4.5 / 6
+    assert r == {"auc": pytest.approx(4.5 / 6), "n_clean": 3, "n_swapped": 2}
+    with pytest.raises(CurateError, match="no embeddings"):
+        caption_swap_auc(tmp_path / "pool", "other__y", truth)

@@ -168,41 +168,54 @@ class ShardBatches:
         for job in self.jobs[wid::n]:
             yield from self._shard_batches(job)
 
-    def _read_images(self, job: ShardJob) -> tuple[dict[int, bytes], dict[int, str]]:
+    def _shard_batches(self, job: ShardJob) -> Iterator[dict[str, Any]]:
+        """Stream the shard's tar and emit a batch as soon as its rows are all resolved.
+
+        Tars are written in metadata order, so memory stays at about one batch of image bytes; rows
+        that arrive out of order are buffered until their batch is complete.
+        """
+        n, bs = len(job.uids), self.batch_size
         by_key: dict[str, list[int]] = {}
         for i, k in enumerate(job.keys):
             by_key.setdefault(k, []).append(i)
         images: dict[int, bytes] = {}
         errors: dict[int, str] = {}
         tar_errors: list[str] = []
-        if not job.shard.tar.exists():
-            return images, {i: f"shard tar {job.shard.tar.name} is missing" for i in range(len(job.keys))}
-        for s in iter_samples(job.shard.tar, errors=tar_errors):
-            for i in by_key.get(s.key, ()):
-                if s.error:
-                    errors[i] = s.error
-                elif s.uid is not None and s.uid != job.uids[i]:
-                    errors[i] = f"uid mismatch: metadata has {job.uids[i]}, tar json has {s.uid}"
-                else:
-                    images[i] = s.image
-        why = tar_errors[0] if tar_errors else f"key not found in {job.shard.tar.name}"
-        for i in range(len(job.keys)):
-            if i not in images and i not in errors:
-                errors[i] = why
-        return images, errors
-
-    def _shard_batches(self, job: ShardJob) -> Iterator[dict[str, Any]]:
-        images, errors = self._read_images(job)
-        n = len(job.uids)
-        starts = range(0, n, self.batch_size) if n else [0]
         pool = None
         if self.threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = ThreadPoolExecutor(self.threads, thread_name_prefix="curate-decode")
+        b0 = hi = 0  # next batch start; first row not yet resolved
         try:
-            for b0 in starts:
+            samples = iter_samples(job.shard.tar, errors=tar_errors) if job.shard.tar.exists() else ()
+            for s in samples:
+                for i in by_key.get(s.key, ()):
+                    if i < b0:
+                        continue  # duplicate key after its batch was emitted: keep the first
+                    images.pop(i, None)
+                    errors.pop(i, None)
+                    if s.error:
+                        errors[i] = s.error
+                    elif s.uid is not None and s.uid != job.uids[i]:
+                        errors[i] = f"uid mismatch: metadata has {job.uids[i]}, tar json has {s.uid}"
+                    else:
+                        images[i] = s.image
+                while hi < n and (hi in images or hi in errors):
+                    hi += 1
+                while hi - b0 >= bs:
+                    yield self._batch(job, b0, n, images, errors, pool)
+                    b0 += bs
+            if not job.shard.tar.exists():
+                why = f"shard tar {job.shard.tar.name} is missing"
+            else:
+                why = tar_errors[0] if tar_errors else f"key not found in {job.shard.tar.name}"
+            for i in range(b0, n):
+                if i not in images and i not in errors:
+                    errors[i] = why
+            while b0 < n or (n == 0 and b0 == 0):
                 yield self._batch(job, b0, n, images, errors, pool)
+                b0 += bs
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -221,9 +234,9 @@ class ShardBatches:
 
         rows = list(range(b0, min(b0 + self.batch_size, n)))
         tensors, img_rows = [], []
-        errs: dict[int, str] = {i: errors[i] for i in rows if i in errors}
+        errs: dict[int, str] = {i: errors.pop(i) for i in rows if i in errors}
         todo = [i for i in rows if i not in errs]
-        done = (pool.map if pool is not None else map)(self._prepare, [images[i] for i in todo])
+        done = (pool.map if pool is not None else map)(self._prepare, [images.pop(i) for i in todo])
         for i, (t, why) in zip(todo, done):
             if t is None:
                 errs[i] = why

@@ -181,6 +181,26 @@ def near_pairs(
     return i[first], j[first], s[first], choice
 
 
+def median_random_cosine(x: np.ndarray, pairs: int = 2000, seed: int = 0) -> float:
+    """Median cosine of random row pairs: near 1 means collapsed embeddings (e.g. an untrained model),
+    for which every similarity threshold is meaningless."""
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n, pairs), rng.integers(0, n, pairs)
+    keep = a != b
+    return float(np.median(np.einsum("ij,ij->i", x[a[keep]], x[b[keep]]))) if keep.any() else float("nan")
+
+
+def warn_if_collapsed(x: np.ndarray, threshold: float, what: str) -> None:
+    med = median_random_cosine(x)
+    if med >= threshold - 0.05:
+        log.warning("%s: the median cosine between random rows is %.3f, close to the threshold %.3f: these "
+                    "embeddings barely separate images (an untrained or collapsed model?), so most rows will "
+                    "look like duplicates", what, med, threshold)
+
+
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Component label per node of the undirected graph with edges (i, j) on n nodes."""
     from scipy.sparse import coo_matrix

@@ -203,6 +203,7 @@ class DecontaminateFilter(Filter):
             x, ok = normalise(batch.image_emb)
             rows = np.flatnonzero(ok)
             if len(rows):
+                faiss_index.warn_if_collapsed(x[rows], p.threshold, "decontaminate")
                 index = faiss_index.build_index(ev[ev_idx], faiss_index.choose_index(len(ev_idx), "flat"))
                 sims, ids = faiss_index.knn(index, x[rows], 1, desc="eval near-duplicates")
                 score[rows] = sims[:, 0]

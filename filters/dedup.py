@@ -179,6 +179,7 @@ class DedupFilter(Filter):
         cand = np.flatnonzero(rep & ok)
         ni = nj = np.empty(0, dtype=np.int64)
         if len(cand) > 1:
+            faiss_index.warn_if_collapsed(x[cand], p.threshold, "dedup")
             i, j, _, choice = faiss_index.near_pairs(
                 x[cand], p.threshold, p.index, p.neighbors, self.seed, p.nprobe
             )

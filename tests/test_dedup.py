@@ -256,3 +256,16 @@ def test_through_the_recipe_runner(tmp_path):
     assert row7.text_augmented.startswith("salmon sashimi. ") and "sashimi: very thinly sliced raw fish" in row7.text_augmented
     other = subset[subset.uid != uids[7]]
     assert (other.text_augmented == other.text).all()  # "dog", "park": common in this pool
+
+
+def test_collapsed_embeddings_are_warned_about(caplog):
+    rng = np.random.default_rng(12)
+    centre = unit(rng.standard_normal(D))
+    x = np.stack([near(centre, 0.97, rng) for _ in range(200)])  # every pair ~0.94: an untrained model
+    with caplog.at_level("WARNING"):
+        run(make_batch(x))
+    assert "median cosine between random rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run(make_batch(unit(rng.standard_normal((200, D)))))
+    assert "median cosine" not in caplog.text

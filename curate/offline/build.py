@@ -253,15 +253,19 @@ def _tables(rows: list[Row], base_url: str, tmp: Path):
 
     urls = [f"{base_url}/{r.url_path}" for r in rows]
     uids = [make_uid(u, r.text) for u, r in zip(urls, rows)]
-    sha, width, height = [], [], []
+    sha: list[str | None] = []
+    width: list[int | None] = []
+    height: list[int | None] = []
     for r in rows:
-        if r.file is None:
-            sha.append(None), width.append(None), height.append(None)
-            continue
-        data = (tmp / "www" / r.file).read_bytes()
-        sha.append(hashlib.sha256(data).hexdigest())
-        w, h = _image_size(data) if r.expected_status == "success" else (None, None)
-        width.append(w), height.append(h)
+        digest, w, h = None, None, None
+        if r.file is not None:
+            data = (tmp / "www" / r.file).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if r.expected_status == "success":
+                w, h = _image_size(data)
+        sha.append(digest)
+        width.append(w)
+        height.append(h)
     url_table = pa.table({"url": pa.array(urls, pa.string()), "text": pa.array([r.text for r in rows], pa.string())})
     truth = pa.table({
         "uid": pa.array(uids, pa.string()),

@@ -80,8 +80,8 @@ def choose_index(n: int, kind: IndexKind = "auto", nprobe: int | None = None) ->
     return IndexChoice("ivf", nlist=nlist, nprobe=min(probe, nlist), gpu=gpu)
 
 
-def build_index(x: np.ndarray, choice: IndexChoice, seed: int = 0):
-    """Build and fill the index over `x` (n, d) float32 L2-normalised rows."""
+def build_index(x: np.ndarray, choice: IndexChoice, seed: int = 0, add: bool = True):
+    """Build (train) the index over `x` (n, d) float32 L2-normalised rows, and fill it unless add=False."""
     faiss = _faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -103,7 +103,8 @@ def build_index(x: np.ndarray, choice: IndexChoice, seed: int = 0):
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
         index._curate_gpu_res = res  # keep the resources alive as long as the index
-    index.add(x)
+    if add:
+        index.add(x)
     return index
 
 
@@ -126,7 +127,8 @@ def knn(index, queries: np.ndarray, k: int, desc: str = "searching") -> tuple[np
     return sims, ids
 
 
-def _big_batch_knn(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _big_batch_knn(index, queries: np.ndarray, k: int, q_assign: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """IVF search for many queries, one inverted list at a time, distances by BLAS matrix products.
 
     faiss.contrib.big_batch_search does exactly this (same results as index.search, ~2x less CPU
@@ -139,7 +141,7 @@ def _big_batch_knn(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     from faiss.contrib.big_batch_search import big_batch_search
 
     with contextlib.redirect_stdout(io.StringIO()):
-        sims, ids = big_batch_search(index, queries, k, method="pairwise_distances", verbose=1)
+        sims, ids = big_batch_search(index, queries, k, method="pairwise_distances", verbose=1, q_assign=q_assign)
     return sims.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
 
@@ -162,9 +164,20 @@ def near_pairs(
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, np.empty(0, dtype=np.float32), choice
     k = min(k, n)
-    idx = build_index(x, choice, seed)
     log.info("near_pairs: n=%d index=%s k=%d threshold=%s", n, choice.describe(), k, threshold)
-    sims, ids = knn(idx, x, k, desc="near duplicates")
+    if choice.kind == "ivf" and not choice.gpu and n >= BIG_BATCH_MIN:
+        # Self-join: the vectors are both the database and the queries, so their coarse
+        # assignment (an n x nlist product) is computed once and used for adding and searching.
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        idx = build_index(x, choice, seed, add=False)
+        _, assign = idx.quantizer.search(x, choice.nprobe)
+        add_preassigned(idx, x, np.ascontiguousarray(assign[:, 0], dtype=np.int64))
+        sims, ids = _big_batch_knn(idx, x, k, q_assign=assign.astype(np.int32))
+    else:
+        idx = build_index(x, choice, seed)
+        sims, ids = knn(idx, x, k, desc="near duplicates")
     rows = np.repeat(np.arange(n, dtype=np.int64), k)
     cols = ids.ravel()
     s = sims.ravel()

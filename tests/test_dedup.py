@@ -269,3 +269,16 @@ def test_collapsed_embeddings_are_warned_about(caplog):
     with caplog.at_level("WARNING"):
         run(make_batch(unit(rng.standard_normal((200, D)))))
     assert "median cosine" not in caplog.text
+
+
+def test_ivf_self_join_matches_plain_faiss_search():
+    """The preassigned, list-by-list (BLAS) IVF self-search returns what index.search returns."""
+    rng = np.random.default_rng(13)
+    x, _, _ = planted(faiss_index.BIG_BATCH_MIN + 5000, 200, rng)
+    i, j, s, choice = faiss_index.near_pairs(x, 0.95, index="ivf", k=8)
+    index = faiss_index.build_index(x, choice, seed=0)
+    sims, ids = index.search(x, 8)
+    rows = np.repeat(np.arange(len(x)), 8)
+    ok = (ids.ravel() >= 0) & (ids.ravel() != rows) & (sims.ravel() >= 0.95)
+    ref = set(zip(np.minimum(rows[ok], ids.ravel()[ok]).tolist(), np.maximum(rows[ok], ids.ravel()[ok]).tolist()))
+    assert set(zip(i.tolist(), j.tolist())) == ref and len(ref) >= 198

@@ -246,6 +246,7 @@ class Runner:
         if step.model_id:
             view, emb_cols = self.emb_view(step.model_id)
             joins.append(f"LEFT JOIN {view} e ON e.uid = m.uid")
+        uses_meta = False
         for c in cols + want_emb:
             if c == "uid":
                 continue
@@ -253,6 +254,7 @@ class Runner:
                 select.append(f"e.{c} AS {c}")
             elif c in self.meta_cols:
                 select.append(f"m.{c} AS {c}")
+                uses_meta = True
             else:
                 have = f"metadata columns {self.meta_cols}" + (f" and embeddings columns {emb_cols}" if emb_cols else "")
                 raise CurateError(f"{self.recipe.source}:{step.line}: steps {step.id}: filter {step.name!r} reads column "
@@ -260,9 +262,14 @@ class Runner:
         if prev_is_pool:
             src = "meta m"
             where = "m.status = 'success'"
-        else:
+        elif uses_meta:
             src = f"read_parquet({_sql_str(prev)}) p JOIN meta m ON m.uid = p.uid"
             where = "p.kept AND m.status = 'success'"
+        else:
+            # Only embedding columns: the previous step's survivors are already success rows, so the
+            # metadata join is skipped (it would be the largest hash join of the run).
+            src = f"read_parquet({_sql_str(prev)}) m"
+            where = "m.kept"
         q = f"SELECT {', '.join(select)} FROM {src} {' '.join(joins)} WHERE {where}"
         if cls.scope == "pool":
             q += " ORDER BY m.uid"

@@ -353,7 +353,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             results[task.key] = rec
             write_results(out, results)  # after every task: a killed run resumes from here
             computed.append(task.key)
-    elif not out.exists() or stale:
+    elif not out.exists() or set(results) != set(existing):  # dropped stale / --force results
         write_results(out, results)
 
     summary = {

@@ -56,13 +56,18 @@ def pool_order(table: pa.Table) -> np.ndarray:
 
 
 def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Re-normalise float16-rounded vectors; return (unit vectors, mask of rows that have one)."""
+    """Re-normalise float16-rounded vectors; return (unit vectors, mask of rows that have one).
+
+    One output copy and no other (n, d) temporaries: at 1M x 512 each copy is 2 GiB.
+    """
     x = np.asarray(x, dtype=np.float32)
-    ok = np.isfinite(x).all(axis=1) if x.size else np.zeros(len(x), dtype=bool)
-    norms = np.linalg.norm(np.where(ok[:, None], x, 0.0), axis=1)
-    ok &= norms > 0
-    out = np.zeros_like(x)
-    out[ok] = x[ok] / norms[ok, None]
+    if x.ndim != 2 or x.shape[1] == 0:
+        return np.zeros((len(x), 0), np.float32), np.zeros(len(x), dtype=bool)
+    sq = np.einsum("ij,ij->i", x, x)  # NaN for rows with a NaN, no (n, d) temporary
+    ok = np.isfinite(sq) & (sq > 0)
+    norms = np.sqrt(np.where(ok, sq, 1.0), dtype=np.float32)
+    out = np.divide(x, norms[:, None], dtype=np.float32)
+    out[~ok] = 0.0
     return out, ok
 
 
@@ -179,10 +184,10 @@ class DedupFilter(Filter):
         cand = np.flatnonzero(rep & ok)
         ni = nj = np.empty(0, dtype=np.int64)
         if len(cand) > 1:
-            faiss_index.warn_if_collapsed(x[cand], p.threshold, "dedup")
-            i, j, _, choice = faiss_index.near_pairs(
-                x[cand], p.threshold, p.index, p.neighbors, self.seed, p.nprobe
-            )
+            xc = x if len(cand) == n else x[cand]  # no 2 GiB copy when every row takes part
+            faiss_index.warn_if_collapsed(xc, p.threshold, "dedup")
+            i, j, _, choice = faiss_index.near_pairs(xc, p.threshold, p.index, p.neighbors, self.seed, p.nprobe)
+            del xc
             self.last_index = choice
             ni, nj = cand[i], cand[j]
             if secondary is not None and len(ni):

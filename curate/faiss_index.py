@@ -19,6 +19,7 @@ Vectors must be L2-normalised float32, so inner product = cosine similarity.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -66,6 +67,13 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_resources():
+    """One StandardGpuResources per process (faiss's advice: it owns scratch memory and streams),
+    kept alive here for as long as any GPU index may use it."""
+    return _faiss().StandardGpuResources()
+
+
 def choose_index(n: int, kind: IndexKind = "auto", nprobe: int | None = None) -> IndexChoice:
     """Pick the index for `n` vectors. ``auto``: flat up to FLAT_MAX_N, IVF above."""
     if kind not in ("auto", "flat", "ivf"):
@@ -100,9 +108,7 @@ def build_index(x: np.ndarray, choice: IndexChoice, seed: int = 0, add: bool = T
         index.train(sample)
         index.nprobe = choice.nprobe
     if choice.gpu:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        index._curate_gpu_res = res  # keep the resources alive as long as the index
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     if add:
         index.add(x)
     return index

@@ -282,3 +282,24 @@ def test_ivf_self_join_matches_plain_faiss_search():
     ok = (ids.ravel() >= 0) & (ids.ravel() != rows) & (sims.ravel() >= 0.95)
     ref = set(zip(np.minimum(rows[ok], ids.ravel()[ok]).tolist(), np.maximum(rows[ok], ids.ravel()[ok]).tolist()))
     assert set(zip(i.tolist(), j.tolist())) == ref and len(ref) >= 198
+
+
+def test_gpu_index_is_used_when_faiss_sees_a_gpu(monkeypatch):
+    """No GPU here: fake faiss-gpu's two entry points and check the index goes through them."""
+    import faiss
+
+    moved = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "gpu-resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: moved.append((res, dev)) or index,
+                        raising=False)
+    faiss_index._gpu_resources.cache_clear()
+    try:
+        rng = np.random.default_rng(14)
+        x, src, dst = planted(2000, 20, rng)
+        i, j, _, choice = faiss_index.near_pairs(x, 0.95)
+        assert choice.gpu and choice.describe() == "flat (exact, gpu)"
+        assert moved == [("gpu-resources", 0)]
+        assert set(zip(i.tolist(), j.tolist())) == {(min(a, b), max(a, b)) for a, b in zip(src, dst)}
+    finally:
+        faiss_index._gpu_resources.cache_clear()

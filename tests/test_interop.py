@@ -6,7 +6,7 @@ the resharded webdataset shards train with open_clip's own training script (`ope
 
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +64,24 @@ def test_resharded_shards_train_with_open_clip_train(subset, tmp_path, monkeypat
     shards = sorted((out / "shards").glob("*.tar"))
     assert len(shards) == rs["n_shards"] >= 2 and rs["n_written"] == len(fp.success_uids())
     register_configs()  # curate-debug is a project architecture: make it known to open_clip's factory
-    first, last = shards[0].stem, shards[-1].stem
     monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        _run_open_clip_train(open_clip_train_main, out, shards, rs, tmp_path)
+    finally:
+        # open_clip_train sets the root logger to INFO with its own handlers; restore it for later tests
+        root.setLevel(level)
+        root.handlers[:] = handlers
+    ckpt = tmp_path / "logs" / "oc" / "checkpoints" / "epoch_1.pt"
+    assert ckpt.is_file()
+    log = (tmp_path / "logs" / "oc" / "out.log").read_text()
+    assert "Train Epoch: 0" in log  # it trained on our shards, not an empty stream
+    assert load_model("curate-debug", str(ckpt), "cpu").model_id.startswith("curate-debug__")
+
+
+def _run_open_clip_train(open_clip_train_main, out: Path, shards: list[Path], rs: dict, tmp_path: Path) -> None:
+    first, last = shards[0].stem, shards[-1].stem
     open_clip_train_main([
         "--train-data", f"{out / 'shards'}/{{{first}..{last}}}.tar",
         "--train-num-samples", str(rs["n_written"]), "--dataset-type", "webdataset",
@@ -74,8 +90,3 @@ def test_resharded_shards_train_with_open_clip_train(subset, tmp_path, monkeypat
         "--logs", str(tmp_path / "logs"), "--name", "oc", "--save-frequency", "1", "--report-to", "",
         "--seed", "0",
     ])
-    ckpt = tmp_path / "logs" / "oc" / "checkpoints" / "epoch_1.pt"
-    assert ckpt.is_file()
-    log = (tmp_path / "logs" / "oc" / "out.log").read_text()
-    assert "Train Epoch: 0" in log  # it trained on our shards, not an empty stream
-    assert load_model("curate-debug", str(ckpt), "cpu").model_id.startswith("curate-debug__")

@@ -72,7 +72,7 @@ class RenderConfig:
     eval_long_side: int = 256
     max_source_bytes: int = 2_000_000
     max_pixels: int = 4_000_000
-    time_limit: float = 20.0
+    time_limit: float = 30.0          # CPU seconds per file; the slowest openclipart SVG takes ~13
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,9 @@ def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) ->
     for p in plans:
         if p.item.is_svg or p.long_side:
             src = p.item.path.read_bytes()
-            key = hashlib.sha256(src + f"|{p.long_side}|{p.fmt}|cairosvg {cver}|{PIL.__version__}|v1".encode()).hexdigest()
+            params = (f"|{p.long_side}|{p.fmt}|cairosvg {cver}|pillow {PIL.__version__}"
+                      f"|limits {rc.max_source_bytes} {rc.max_pixels} {rc.time_limit}|v1")
+            key = hashlib.sha256(src + params.encode()).hexdigest()
             cfile = cache / key[:2] / f"{key}.{p.fmt}"
             jobs.append((p, RenderJob(str(p.item.path), p.long_side, p.fmt, str(cfile), rc.max_source_bytes,
                                       rc.max_pixels, rc.time_limit)))
@@ -204,7 +206,7 @@ def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) ->
         from tqdm import tqdm
 
         # Rendering is CPU-bound pure-Python+cairo work: processes, not threads. "spawn" because the
-        # caller may have threads running (e.g. the test server) and SIGALRM limits need a main thread.
+        # caller may have threads running (e.g. the test server) and signal-based limits need a main thread.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx) as ex:
             bar = tqdm(ex.map(run_render_job, todo, chunksize=8), total=len(todo), desc="render",

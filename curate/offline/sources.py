@@ -219,7 +219,7 @@ def read_twemoji(root: Path) -> list[SourceItem]:
 # ---------------------------------------------------------------- rendering (runs in worker processes)
 
 class RenderTimeout(BaseException):
-    """Raised by SIGALRM; a BaseException so that no `except Exception` inside cairosvg swallows it."""
+    """Raised by SIGPROF/SIGALRM; a BaseException so that no `except Exception` inside cairosvg swallows it."""
 
 
 def _on_alarm(signum, frame):
@@ -229,8 +229,10 @@ def _on_alarm(signum, frame):
 def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -> bytes:
     """Render SVG bytes to an RGBA PNG whose longer side is `long_side` pixels.
 
-    cairosvg is run with unsafe=False (no external files or entities). The time limit uses SIGALRM,
-    so it must be called from a process's main thread (the worker processes of build.py).
+    cairosvg is run with unsafe=False (no external files or entities). `time_limit` is CPU seconds
+    (SIGPROF), not wall time: a wall-clock limit would skip different files on a busy machine and
+    break "same seed, same bytes". A wall limit of 10x that only catches a hang. Signals need a
+    process's main thread (the worker processes of build.py).
     """
     import cairosvg.parser
     import cairosvg.surface
@@ -241,8 +243,9 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
         def draw(self, node):  # noqa: D102 - skip drawing
             return None
 
-    previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, time_limit)
+    previous = signal.signal(signal.SIGPROF, _on_alarm), signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_PROF, time_limit)
+    signal.setitimer(signal.ITIMER_REAL, 10 * time_limit)
     try:
         tree = cairosvg.parser.Tree(bytestring=svg, unsafe=False)
         probe = _Probe(tree, None, 96)
@@ -262,8 +265,10 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
         surface.finish()
         return buf.getvalue()
     finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGPROF, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,7 @@ def run_render_job(job: RenderJob) -> tuple[str, float, str]:
             write_bytes(job.cache_file, encode_image(png, job.fmt))
             return "ok", time.perf_counter() - t0, ""
         except RenderTimeout:
-            reason = f"render took longer than {job.time_limit:g} s"
+            reason = f"render took longer than {job.time_limit:g} CPU seconds"
         except MemoryError:
             reason = "out of memory while rendering"
         except Exception as e:  # cairosvg raises many types on malformed SVG; all mean "skip this file"

@@ -149,6 +149,17 @@ def main() -> None:
         import pyarrow.parquet as pq
 
         urls = a.pool / "urls.parquet"
+        built_for = json.loads((a.pool / "pool_build.json").read_text())["base_url"].rstrip("/")
+        if built_for != base_url:  # a pool built for another port: same rows, URLs pointed at our server
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            t = pq.read_table(urls)
+            t = t.set_column(t.schema.get_field_index("url"), "url",
+                             pc.replace_substring(t["url"], built_for + "/", base_url + "/"))
+            a.work.mkdir(parents=True, exist_ok=True)
+            urls = a.work / "urls.parquet"
+            pq.write_table(t, urls)
         rows = pq.read_metadata(urls).num_rows
         common = dict(processes=a.processes, threads=a.threads, shard_size=a.shard_size, image_size=a.image_size)
         print(f"pool: {rows} rows; settings: {common}, distributor={a.distributor}", flush=True)

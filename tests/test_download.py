@@ -398,10 +398,16 @@ TRUTH_TO_STATUS = {"success": "success", "404": "failed_to_download", "truncated
 
 
 def test_offline_pool_rows_end_as_truth_says(offline_pool_small, tmp_path):
+    # every row whose download is not plain (broken files, redirects, empty captions, exact duplicates)
+    # plus 100 others; caption noise does not change what the downloader sees
+    special = {"redirect", "empty_caption", "exact_dup"}
+    truth = [r for i, r in enumerate(pq.read_table(offline_pool_small.truth).to_pylist())
+             if r["noise"] in special or r["expected_status"] != "success" or i < 100]
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [r["url"] for r in truth], "text": [r["text"] for r in truth]}), urls)
     out = tmp_path / "pool"
-    summary = download(cfg(offline_pool_small.urls, out, shard_size=500, threads=32, image_size=64,
-                           max_bytes=2_000_000, timeout=10.0, processes=2))
-    truth = pq.read_table(offline_pool_small.truth).to_pylist()
+    summary = download(cfg(urls, out, shard_size=200, threads=32, image_size=64, max_bytes=2_000_000,
+                           timeout=10.0))
     meta = {r["uid"]: r for r in read_pool(out)[0].to_pylist()}
     assert sum(summary["counts"].values()) == len(truth) == len(meta)  # uids are unique in this pool
     wrong = []

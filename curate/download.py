@@ -455,7 +455,14 @@ def _run_ray(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
                 break
         while inflight:
             done, inflight = ray.wait(inflight, num_returns=1)
-            on_done(ray.get(done[0]))
+            try:
+                res = ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                # Finished shards are already in place; a re-run resumes from them. Ray's memory monitor
+                # killing workers on a machine near its memory limit is the usual cause.
+                raise CurateError(f"a shard task failed after retries ({type(e).__name__}: {str(e)[:500]}); "
+                                  "finished shards are kept: re-run the same command to resume") from None
+            on_done(res)
             nxt = next(pending, None)
             if nxt is not None:
                 inflight.append(remote.remote(nxt))

@@ -78,7 +78,9 @@ STOP_WORDS = frozenset(
 )
 # The last line are caption boilerplate words: frequent in web captions, never a rare concept.
 
-_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'\-]*")
+# Words in any script (letters only, inner hyphens/apostrophes): "háhælaður" stays one word, so a
+# non-English caption cannot leak English-looking fragments ("ur", "la") into WordNet lookups.
+_WORD_RE = re.compile(r"[^\W\d_]+(?:['\-][^\W\d_]+)*")
 
 _lock = threading.Lock()
 
@@ -237,7 +239,15 @@ class NounMatch:
 
 def tokenize(text: str) -> list[str]:
     """Lower-case word tokens (letters, inner hyphens/apostrophes; digits and punctuation dropped)."""
-    return [t.strip("'-").lower() for t in _WORD_RE.findall(text or "") if t.strip("'-")]
+    return [t.lower() for t in _WORD_RE.findall(text or "")]
+
+
+@lru_cache(maxsize=1)
+def multiword_first_words() -> frozenset[str]:
+    """First words of WordNet's multi-word noun lemmas ("ice" for ice_cream): a cheap pre-check
+    that skips most n-gram lookups, which are the bulk of the work on real captions."""
+    wn = get_wordnet()
+    return frozenset(name.split("_", 1)[0] for name in wn.all_lemma_names(pos="n") if "_" in name)
 
 
 def find_nouns(text: str, max_words: int = 3, stop_words: frozenset[str] = STOP_WORDS) -> list[NounMatch]:
@@ -248,6 +258,7 @@ def find_nouns(text: str, max_words: int = 3, stop_words: frozenset[str] = STOP_
     "man of war" is). Matching uses WordNet's morphy, so plurals and irregular forms are found.
     """
     toks = tokenize(text)
+    firsts = multiword_first_words()
     out: list[NounMatch] = []
     i = 0
     while i < len(toks):
@@ -256,7 +267,7 @@ def find_nouns(text: str, max_words: int = 3, stop_words: frozenset[str] = STOP_
             words = toks[i : i + n]
             if n == 1 and words[0] in stop_words:
                 break
-            if n > 1 and (words[0] in stop_words or words[-1] in stop_words):
+            if n > 1 and (words[0] not in firsts or words[0] in stop_words or words[-1] in stop_words):
                 continue
             if n == 1 and len(words[0]) < 2:
                 break

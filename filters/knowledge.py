@@ -89,7 +89,7 @@ class KnowledgeFilter(Filter):
                 rare = [(counts[s.name()], pos, name, s) for pos, (name, s) in enumerate(concepts[t])
                         if counts[s.name()] < p.rare_below]
                 rare.sort(key=lambda c: (c[0], c[1]))
-                glosses = [f"{name}: {wordnet.gloss(s)}" for _, _, name, s in rare[: p.max_glosses]]
+                glosses = [f"{name}: {wordnet.gloss(s).rstrip('. ')}" for _, _, name, s in rare[: p.max_glosses]]
                 memo[t] = (augment(t, glosses), len(glosses))
             text_aug, k = memo[t]
             out.append(text_aug)

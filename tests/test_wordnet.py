@@ -100,3 +100,10 @@ def test_find_nouns_longest_match_and_stop_words():
     assert wordnet.find_nouns("it is in a the of") == []
     assert wordnet.find_nouns("zzqx blorpt 12345") == []
     assert wordnet.find_nouns("") == []
+
+
+def test_non_latin_words_are_whole_tokens():
+    # Icelandic "red high-heeled shoe": no English-looking fragments ("ur", "la") may match WordNet
+    assert wordnet.tokenize("Rauður háhælaður skór") == ["rauður", "háhælaður", "skór"]
+    assert wordnet.find_nouns("Rauður háhælaður skór") == []
+    assert wordnet.tokenize("a dog's well-known hat-trick, 2024!") == ["a", "dog's", "well-known", "hat-trick"]

@@ -216,9 +216,9 @@ def train(cfg: TrainConfig) -> dict:
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step = int(ck["step"])
-        if is_main:
-            _truncate_log(out / "log.jsonl", step)
-            log.info("resuming %s from %s (step %d)", out, path.name, step)
+        log.info("resuming %s from %s (step %d)", out, path.name, step)
+    if is_main:
+        _truncate_log(out / "log.jsonl", step)  # drop what a killed run logged after its last checkpoint
 
     info = {
         "status": "running", "fingerprint": fingerprint, "run": fingerprint_fields,

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    ap.add_argument("--concurrent", action="store_true", help="run both trainers at the same time (loaded machine)")
     args = ap.parse_args()
 
     from curate import uids as uidlib
@@ -86,6 +87,17 @@ def main() -> None:
         uidlib.save(root / "subset" / "uids.npy", fp.success_uids())
         reshard(ReshardConfig(subset=root / "subset", pool=fp.pool, shard_size=500, workers=1, progress=False))
         ours, theirs = [], []
+        if args.concurrent:  # both at once: on a shared, loaded machine each sees the same contention
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as ex:
+                fo = ex.submit(run_ours, root / "subset", root / "c_ours", args.steps, args.batch, args.workers)
+                ft = ex.submit(run_openclip, root / "subset", root / "c_oc", args.steps, args.batch, args.workers)
+                (ro, wo), (rt, wt) = fo.result(), ft.result()
+            mo, mt = statistics.median(ro[args.skip:]), statistics.median(rt[args.skip:])
+            print(f"RESULT concurrent: curate {mo:.1f} samples/s (wall {wo:.1f}s) vs open_clip_train {mt:.1f} "
+                  f"samples/s (wall {wt:.1f}s): {mo / mt:.2f}x")
+            return
         for r in range(args.repeats):
             for name, fn, acc in (("curate", run_ours, ours), ("open_clip_train", run_openclip, theirs)):
                 out = root / f"{name}{r}"

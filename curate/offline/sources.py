@@ -219,7 +219,7 @@ def read_twemoji(root: Path) -> list[SourceItem]:
 # ---------------------------------------------------------------- rendering (runs in worker processes)
 
 class RenderTimeout(BaseException):
-    """Raised by SIGPROF/SIGALRM; a BaseException so that no `except Exception` inside cairosvg swallows it."""
+    """Raised by SIGPROF; a BaseException so that no `except Exception` inside cairosvg swallows it."""
 
 
 def _on_alarm(signum, frame):
@@ -230,9 +230,9 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
     """Render SVG bytes to an RGBA PNG whose longer side is `long_side` pixels.
 
     cairosvg is run with unsafe=False (no external files or entities). `time_limit` is CPU seconds
-    (SIGPROF), not wall time: a wall-clock limit would skip different files on a busy machine and
-    break "same seed, same bytes". A wall limit of 10x that only catches a hang. Signals need a
-    process's main thread (the worker processes of build.py).
+    (SIGPROF), deliberately not wall time: a wall-clock limit skips different files on a busy machine
+    and breaks "same seed, same bytes". Rendering works on bytes in memory, so it cannot block
+    without using CPU. Signals need a process's main thread (the worker processes of build.py).
     """
     import cairosvg.parser
     import cairosvg.surface
@@ -243,9 +243,8 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
         def draw(self, node):  # noqa: D102 - skip drawing
             return None
 
-    previous = signal.signal(signal.SIGPROF, _on_alarm), signal.signal(signal.SIGALRM, _on_alarm)
+    previous = signal.signal(signal.SIGPROF, _on_alarm)
     signal.setitimer(signal.ITIMER_PROF, time_limit)
-    signal.setitimer(signal.ITIMER_REAL, 10 * time_limit)
     try:
         tree = cairosvg.parser.Tree(bytestring=svg, unsafe=False)
         probe = _Probe(tree, None, 96)
@@ -266,9 +265,7 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
         return buf.getvalue()
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGPROF, previous[0])
-        signal.signal(signal.SIGALRM, previous[1])
+        signal.signal(signal.SIGPROF, previous)
 
 
 @dataclass(frozen=True)

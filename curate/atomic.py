@@ -17,6 +17,12 @@ from typing import Any, Iterator
 TEMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `dest`; on success fsync and rename it onto `dest`.
@@ -26,6 +32,9 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + dest.name + ".", suffix=suffix, dir=dest.parent)
+    # mkstemp creates 0600; give the file the permissions an ordinary open() would (0666 minus umask)
+    # so outputs stay readable by the user's group and tools, as any other written file.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -60,3 +60,18 @@ def test_load_rejects_wrong_dtype_and_unsorted(tmp_path):
         uids.load(tmp_path / "u.npy")
     with pytest.raises(CurateError, match="no such file"):
         uids.load(tmp_path / "missing.npy")
+
+
+def test_atomic_outputs_have_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from curate import atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert not list(tmp_path.glob(".tmp-*"))

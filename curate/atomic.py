@@ -17,10 +17,14 @@ from typing import Any, Iterator
 TEMP_PREFIX = ".tmp-"
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do it once at import, before worker threads exist.
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 @contextlib.contextmanager
@@ -34,7 +38,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + dest.name + ".", suffix=suffix, dir=dest.parent)
     # mkstemp creates 0600; give the file the permissions an ordinary open() would (0666 minus umask)
     # so outputs stay readable by the user's group and tools, as any other written file.
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -35,6 +35,7 @@ POOL_COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("curate.pool_verify:verify_cmd", "Reconcile a POOL: metadata rows = input rows, tars match metadata; non-zero exit if not."),
     "build-offline": ("curate.offline.build:build_offline_cmd", "Build a real, noisy image-text pool from offline sources (openclipart, Tux Paint, Twemoji)."),
     "serve": ("curate.serve:serve_cmd", "Serve a pool's www/ folder over loopback HTTP (the offline stand-in for the web)."),
+    "import-datacomp": ("curate.datacomp_pool:import_datacomp_cmd", "Use DataComp's released metadata (parquet + npz embeddings) as a POOL, read in place."),
 }
 
 EVALSETS_COMMANDS: dict[str, tuple[str, str]] = {

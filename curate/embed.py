@@ -15,10 +15,10 @@ silently. Each file is written atomically, so a killed run resumes at the first 
 batches never span shards, so a shard's bytes do not depend on which other shards ran with it.
 
 How the work is laid out (why it is fast):
-  * one process holds the model (loaded once); decode + preprocess + tokenize run ahead of it,
-    overlapping the forward pass: on CPU in a background thread with a small decode thread pool
-    (PIL and torchvision release the GIL; on 2 cores this beat DataLoader worker processes, see
-    perf/RESULTS.md), on GPU in torch DataLoader worker processes, one shard per worker;
+  * one process holds the model (loaded once); decode + preprocess + tokenize run ahead of it in
+    torch DataLoader worker processes (one shard per worker; 1 on CPU, 4 on GPU), overlapping the
+    forward pass; a thread-pool mode exists too (`--decode thread`) and was measured against it in
+    perf/bench_embed.py;
   * torch.inference_mode, channels_last on CPU, fp16/bf16 autocast on CUDA;
   * text is encoded only up to the longest caption of the batch instead of the model's full context
     (exact for causal, argmax-pooled CLIP text towers: padding after the end token cannot influence
@@ -59,10 +59,11 @@ FORMAT_VERSION = "1"
 class EmbedConfig:
     """What `embed` needs. `workers` counts model-holding processes (Ray actors when > 1).
 
-    `decode` says where images are decoded and preprocessed while the model runs: "thread" (a
-    background thread with `loader_workers` decode threads; the CPU default, fastest on few cores,
-    see perf/RESULTS.md), "process" (a torch DataLoader with `loader_workers` worker processes; the
-    GPU default), "inline" (no overlap), or "auto". `loader_workers` None: 2 threads / 4 processes.
+    `decode` says where images are decoded and preprocessed while the model runs: "process" (a
+    torch DataLoader with `loader_workers` worker processes; the default), "thread" (a background
+    thread with `loader_workers` decode threads), "inline" (no overlap); "auto" = process.
+    `loader_workers` None: 1 process on CPU (the best of the modes in perf/RESULTS.md on 2 cores),
+    4 on GPU, 2 threads.
     """
 
     pool: Path
@@ -396,10 +397,10 @@ class Embedder:
         if self.loaded is None:
             self.setup()
         gpu = self.device.startswith("cuda")
-        mode = self.cfg.decode if self.cfg.decode != "auto" else ("process" if gpu else "thread")
+        mode = self.cfg.decode if self.cfg.decode != "auto" else "process"
         nw = self.cfg.loader_workers
         if nw is None:
-            nw = 4 if mode == "process" else 2
+            nw = 4 if gpu else (1 if mode == "process" else 2)
         batches = ShardBatches(jobs, self.loaded.preprocess, self.loaded.tokenizer, self.cfg.batch_size,
                                self.cfg.max_pixels, threads=nw if mode == "thread" else 0)
         if mode == "process" and nw > 0:
@@ -619,10 +620,11 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
               help="Model-holding processes. >1 runs Ray actors (one per GPU, or per --cpus-per-worker CPUs), "
                    "each loading the model once and pulling whole shards.")
 @click.option("--decode", default="auto", show_default=True, type=click.Choice(["auto", "thread", "process", "inline"]),
-              help="Where images are decoded while the model runs: a thread pool (CPU default), DataLoader "
-                   "worker processes (GPU default) or inline.")
+              help="Where images are decoded while the model runs: DataLoader worker processes (auto), a "
+                   "thread pool, or inline (no overlap).")
 @click.option("--loader-workers", default=None, type=int,
-              help="Decode threads or processes per model process [default: 2 threads, 4 processes].")
+              help="Decode processes (or threads) per model process [default: 1 process on CPU, 4 on GPU, "
+                   "2 threads].")
 @click.option("--cpus-per-worker", default=2, show_default=True, type=int, help="CPUs per Ray actor (CPU runs).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto uses CUDA when available.")

@@ -8,8 +8,8 @@ JPEGs in the contract format (tests/pool_factory.py) and measures, side by side 
   naive      single process: read tar -> PIL decode -> preprocess -> batch -> encode_image and
              encode_text (full context) under torch.no_grad (the simple path of clip-retrieval)
   curate     curate.embed.Embedder.run (reads tars, decodes, embeds, writes parquet; the model is
-             loaded before timing, as for the others) with each decode mode: a thread pool ahead of
-             the model (the CPU default), DataLoader worker processes, and inline (no overlap)
+             loaded before timing, as for the others) with each decode mode: DataLoader worker
+             processes (the default, 1 on CPU), a thread pool ahead of the model, and inline
   ceiling    forward only on pre-decoded, pre-tokenized tensors: `plain` = encode_image +
              encode_text as open_clip does it; `curate` = the forward curate embed uses
 
@@ -140,8 +140,8 @@ def bench_model(arch: str, n_images: int, batch: int, repeats: int, image_size: 
     batches = predecode(lm, pool, batch)
     methods = {
         "naive": lambda: naive(lm, pool, batch),
-        "curate (default: decode thread pool, 2 threads)": lambda: run_curate("thread", 2),
-        "curate (decode in 1 DataLoader process)": lambda: run_curate("process", 1),
+        "curate (decode thread pool, 2 threads)": lambda: run_curate("thread", 2),
+        "curate (default: decode in 1 DataLoader process)": lambda: run_curate("process", 1),
         "curate (decode in 2 DataLoader processes)": lambda: run_curate("process", 2),
         "curate (inline decode, no overlap)": lambda: run_curate("inline", 0),
         "ceiling plain": lambda: ceiling_plain(lm.model, batches),

@@ -146,8 +146,9 @@ def demo(cfg: DemoConfig) -> dict:
     failed: dict[str, str] = {}
     for name in cfg.recipes:
         path = rdir / f"{name}.yaml"
-        if not path.is_file() or path.read_text() != DEMO_RECIPES[name]:
-            atomic.write_text(path, DEMO_RECIPES[name])
+        text = DEMO_RECIPES[name].replace("model: curate-tiny", f"model: {arch}")  # the scorer's architecture
+        if not path.is_file() or path.read_text() != text:
+            atomic.write_text(path, text)
         try:
             run_recipe(RunConfig(recipe=path, scale=cfg.scale, pool=pool, seeds=cfg.seeds, work=w, tasks=["offline"],
                                  evalsets=evalsets, pretrained={arch: str(scorer)}, db=db, device=cfg.device,

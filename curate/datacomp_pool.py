@@ -178,23 +178,31 @@ def _sql_str(s: str | os.PathLike) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
+def _meta_columns(pool: str | os.PathLike, alias: str = "") -> str:
+    a = f"{alias}." if alias else ""
+    bbox = f", {a}face_bboxes" if read_descriptor(pool).get("has_face_bboxes") else ""
+    return (f"{a}uid AS uid, {a}url AS url, {a}text AS text, NULL::INTEGER AS shard, NULL::VARCHAR AS key, "
+            f"'success' AS status, NULL::VARCHAR AS error_message, NULL::INTEGER AS width, NULL::INTEGER AS height, "
+            f"{a}original_width::INTEGER AS original_width, {a}original_height::INTEGER AS original_height, "
+            f"{a}sha256 AS sha256{bbox}, {a}clip_b32_similarity_score AS clip_b32_similarity_score, "
+            f"{a}clip_l14_similarity_score AS clip_l14_similarity_score")
+
+
 def meta_view_sql(pool: str | os.PathLike) -> str:
     """SELECT giving the released metadata the pool metadata schema (DESIGN.md section 2).
 
     shard/key/width/height/error_message are NULL (nothing downloaded yet); status is 'success' so
     every released row is a candidate, as in DataComp's baselines."""
     glob = Path(pool) / "metadata" / "*.parquet"
-    desc = read_descriptor(pool)
-    bbox = ", face_bboxes" if desc.get("has_face_bboxes") else ""
-    return (f"SELECT uid, url, text, NULL::INTEGER AS shard, NULL::VARCHAR AS key, 'success' AS status, "
-            f"NULL::VARCHAR AS error_message, NULL::INTEGER AS width, NULL::INTEGER AS height, "
-            f"original_width::INTEGER AS original_width, original_height::INTEGER AS original_height, sha256{bbox}, "
-            f"clip_b32_similarity_score, clip_l14_similarity_score FROM read_parquet({_sql_str(glob)})")
+    return f"SELECT {_meta_columns(pool)} FROM read_parquet({_sql_str(glob)})"
 
 
 def embeddings_view_sql(pool: str | os.PathLike, model_id: str) -> str | None:
-    """SELECT for a model id backed by DataComp's files (None if `model_id` is not one of them):
-    uid, clip_score (the precomputed column, float32) and where each row's vectors are."""
+    """SELECT for a model id backed by DataComp's files (None if `model_id` is not one of them).
+
+    Row for row the metadata view plus clip_score (DataComp's precomputed column, its own type: no rounding) and
+    where each row's vectors are (_npz_src, _npz_row, _npz_prefix), so the runner uses it in place
+    of the metadata instead of joining the two on uid (a 12.8M-row hash join saved)."""
     index = Path(pool) / "embeddings" / model_id / INDEX_FILE
     if not is_datacomp_pool(pool) or not index.is_file():
         return None
@@ -204,7 +212,7 @@ def embeddings_view_sql(pool: str | os.PathLike, model_id: str) -> str | None:
     score_col = idx["score_column"][0].as_py()
     prefix = idx["prefix"][0].as_py()
     glob = Path(pool) / "metadata" / "*.parquet"
-    return (f"SELECT p.uid AS uid, p.{score_col}::FLOAT AS clip_score, i.npz AS _npz_src, "
+    return (f"SELECT {_meta_columns(pool, 'p')}, p.{score_col} AS clip_score, i.npz AS _npz_src, "
             f"p.file_row_number AS _npz_row, {_sql_str(prefix)} AS _npz_prefix "
             f"FROM read_parquet({_sql_str(glob)}, filename=true, file_row_number=true) p "
             f"LEFT JOIN read_parquet({_sql_str(index)}) i "
@@ -394,3 +402,197 @@ def import_datacomp_cmd(metadata_dir, out, no_uid_check, overwrite):
         return
     click.echo(f"{s['out']}: {s['rows']} rows from {s['files']} files, embeddings {'yes' if s['embeddings'] else 'no'} "
                f"({', '.join(s['models'])}), {s['duplicate_uids'] or 0} duplicate uids, {s['seconds']}s")
+
+
+# ---------------------------------------------------------------- score-only recipes, streamed
+
+_NIBBLE = np.full(256, 255, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
+
+
+def encode_uid_array(arr) -> np.ndarray:
+    """Arrow string array of 32-hex uids -> DataComp ``u8,u8`` records (input order), without a Python
+    loop per row (curate.uids.encode parses each uid with int(); at millions of rows that dominates)."""
+    import pyarrow as pa
+
+    from curate import uids as uidmod
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    arr = arr.cast(pa.string())
+    n = len(arr)
+    out = np.empty(n, dtype=uidmod.UID_DTYPE)
+    if n == 0:
+        return out
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
+    if arr.null_count or not (np.diff(offsets) == 32).all():
+        bad = next(i for i, u in enumerate(arr.to_pylist()) if not uidmod.is_uid(u))
+        raise CurateError(f"row {bad}: uid {arr[bad].as_py()!r} is not 32 lowercase hex characters")
+    chars = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, 32)
+    nib = _NIBBLE[chars]
+    if (nib == 255).any():
+        bad = int(np.flatnonzero((nib == 255).any(axis=1))[0])
+        raise CurateError(f"row {bad}: uid {arr[bad].as_py()!r} is not 32 lowercase hex characters")
+    nib = nib.astype(np.uint64)
+    out["f0"] = np.bitwise_or.reduce(nib[:, :16] << _SHIFTS, axis=1)
+    out["f1"] = np.bitwise_or.reduce(nib[:, 16:] << _SHIFTS, axis=1)
+    return out
+
+
+@dataclass
+class SelectConfig:
+    """`select_uids` inputs: a recipe whose only step is ``clip_score`` (DataComp's CLIP-score baselines)."""
+
+    recipe: str
+    pool: str
+    out: str  # uids.npy to write
+
+
+def _score_recipe(recipe_path: str, pool: Path):
+    from curate.recipe import load_recipe, resolve_models
+
+    recipe = load_recipe(recipe_path)
+    steps = recipe.all_steps()
+    if len(steps) != 1 or steps[0].name != "clip_score" or len(recipe.steps) != 1:
+        raise CurateError(f"{recipe_path}: select-datacomp runs recipes made of one clip_score step (DataComp's "
+                          f"CLIP-score baselines); this one has {[s.name for s in steps]}: use `curate filter`")
+    resolve_models(recipe, pool)
+    step = steps[0]
+    desc = read_descriptor(pool)
+    if step.model_id not in desc["models"]:
+        raise CurateError(f"{recipe_path}: model {step.model_id} is not one of DataComp's ({sorted(desc['models'])})")
+    return recipe, step, desc["models"][step.model_id]["score_column"]
+
+
+def select_uids(cfg: SelectConfig) -> dict[str, Any]:
+    """uids.npy of a CLIP-score recipe on a DataComp pool, streamed from the score column.
+
+    Same decisions as `curate filter` with that recipe (filters/clip_score.py: exact top fraction
+    with uid tie-break, or ``datacomp_ties``, or a threshold) but without the ledger and subset:
+    pass 1 reads only the score column (4 bytes a row) and finds the cut with a linear-time
+    partition instead of a full sort; pass 2 streams (uid, score) one file at a time and encodes the
+    kept uids with vectorised hex parsing. Idempotent: a matching ``<out>.json`` means up to date.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from curate import uids as uidmod
+
+    pool, out = Path(cfg.pool), Path(cfg.out)
+    recipe, step, col = _score_recipe(cfg.recipe, pool)
+    files = sorted((pool / "metadata").glob("*.parquet"))
+    key = {"recipe": recipe.hash(), "model_id": step.model_id,
+           "inputs": [[f.name, _fingerprint(f.resolve())] for f in files]}
+    side = out.with_name(out.name + ".json")
+    if out.exists() and side.exists():
+        try:
+            old = json.loads(side.read_text())
+        except ValueError:
+            old = {}
+        if old.get("key") == key:
+            click.echo(f"{out}: already up to date ({old['kept']} uids); nothing written")
+            return {**old, "up_to_date": True}
+    t0 = time.time()
+    p = step.params
+
+    def read(f: Path, columns: list[str]):
+        # One file at a time, single-threaded: Arrow's reader threads each keep an allocator arena,
+        # which costs more resident memory than the file itself at this size.
+        try:
+            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise CurateError(f"{f}: cannot read {columns} ({e})") from None
+
+    def as_numpy(col) -> np.ndarray:
+        dtype = np.float32 if col.type == pa.float32() else np.float64
+        return pc.fill_null(col, float("nan")).to_numpy().astype(dtype, copy=False)
+
+    thr, tie_need, n_keep = p.threshold, 0, None
+    if p.keep_top_fraction is not None:
+        sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        first = read(files[0], [col]).column(0) if files else None
+        scores = np.empty(sum(sizes), np.float32 if first is not None and first.type == pa.float32() else np.float64)
+        at = 0
+        for f, size in zip(files, sizes):
+            scores[at: at + size] = as_numpy(read(f, [col]).column(0))
+            at += size
+        n = len(scores)
+        k = int(np.floor(n * p.keep_top_fraction + 1e-9))
+        nan = np.isnan(scores)
+        if nan.any():
+            scores = scores[~nan]
+        del nan
+        m = len(scores)
+        if m == 0 or k == 0 and not p.datacomp_ties:
+            thr, n_keep = float("inf"), 0
+        else:
+            # DataComp: sorted_desc[k], i.e. ascending index m-1-k; curate: the k-th largest. A
+            # partition (in place, linear time) finds either without sorting.
+            i = m - 1 - min(k, m - 1) if p.datacomp_ties else m - min(k, m)
+            scores.partition(i)
+            thr = scores[i].item()
+            if p.datacomp_ties:
+                n_keep = int((scores >= thr).sum())
+            else:
+                n_keep = min(k, m)
+                tie_need = n_keep - int((scores > thr).sum())  # rows at exactly thr kept, smallest uids first
+        del scores
+    strict = tie_need > 0
+    parts: list[np.ndarray] = []
+    arr = np.empty(n_keep, uidmod.UID_DTYPE) if n_keep is not None else None
+    at, ties = 0, []
+    for f in files:
+        t = read(f, ["uid", col])
+        s = as_numpy(t[col])
+        mask = s > thr if strict else s >= thr
+        if mask.any():
+            enc = encode_uid_array(t["uid"].filter(mask))
+            if arr is None:
+                parts.append(enc)
+            else:
+                arr[at: at + len(enc)] = enc
+                at += len(enc)
+        if tie_need:
+            eq = s == thr
+            if eq.any():
+                ties.append(encode_uid_array(t["uid"].filter(eq)))
+        del t, s, mask
+    if tie_need:
+        tied = np.sort(np.concatenate(ties), order=["f0", "f1"])
+        arr[at: at + tie_need] = tied[:tie_need]
+        at += tie_need
+    if arr is None:
+        arr = np.concatenate(parts) if parts else np.empty(0, uidmod.UID_DTYPE)
+    elif at != len(arr):
+        raise RuntimeError(f"select_uids: expected {len(arr)} uids, collected {at}")
+    arr.sort(order=["f0", "f1"])  # in place: no second copy of the kept uids
+    with atomic_path(out, suffix=".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+    info = {"key": key, "kept": int(len(arr)), "threshold": thr, "recipe": recipe.name, "model_id": step.model_id,
+            "score_column": col, "seconds": round(time.time() - t0, 3), "up_to_date": False}
+    write_json(side, info)
+    return info
+
+
+@click.command("select-datacomp")
+@click.option("--recipe", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A recipe whose only step is clip_score, e.g. recipes/clip_l14_30pct.yaml.")
+@click.option("--pool", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A pool made by `curate pool import-datacomp`.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="uids.npy to write (DataComp format).")
+def select_datacomp_cmd(recipe, pool, out):
+    """Write the uids.npy of a CLIP-score recipe on a DataComp pool, streamed (no ledger, low memory).
+
+    \b
+    Same kept uids as `curate filter --recipe R --pool POOL` (which also writes the per-uid ledger,
+    subset.parquet and report); this reads only the score column and the kept uids, so a 12.8M-row
+    pool needs ~100 MB. Recipes with any other step: use `curate filter`.
+    """
+    s = select_uids(SelectConfig(recipe=recipe, pool=pool, out=out))
+    if not s.get("up_to_date"):
+        click.echo(f"{out}: {s['kept']} uids ({s['recipe']}, {s['score_column']} cut {s['threshold']:.6g}) "
+                   f"in {s['seconds']}s")

@@ -8,9 +8,11 @@ small pool; tests/datacomp_factory.py), imported in place with `curate pool impo
   a full descending sort's element at ``int(N * 0.3)``; then the pool reads (uid, score) per file,
   keeps ``score >= threshold`` and parses each kept uid in Python (``int(uid[:16], 16)``), the
   concatenated array is sorted and saved.
-- ours: `curate.filter.filter_pool` with ``recipes/clip_l14_30pct.yaml`` plus ``datacomp_ties: true``
-  (DataComp's own tie rule, so the outputs can be compared byte for byte), no report. It writes
-  everything `curate filter` always writes (ledger, subset.parquet, manifest), not only uids.npy.
+- select: `curate pool select-datacomp` (curate.datacomp_pool.select_uids) with
+  ``recipes/clip_l14_30pct.yaml`` plus ``datacomp_ties: true`` (DataComp's own tie rule, so the
+  outputs can be compared byte for byte): read -> threshold -> uids.npy, streamed.
+- filter: `curate.filter.filter_pool` with the same recipe, no report. It writes everything `curate
+  filter` always writes (per-uid ledger, subset.parquet with url/text, manifest), not only uids.npy.
 
 Each side runs in its own fresh subprocess (``python -m perf.bench_datacomp --side ...``); wall time
 and that child's peak RSS (``os.wait4`` ru_maxrss) are measured by the parent. uids.npy must be
@@ -34,6 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "clip_l14_similarity_score"
+SIDES = ("reference", "select", "filter")
 
 
 def generate(work: Path, rows: int, files: int) -> Path:
@@ -94,12 +97,24 @@ def reference(src: Path, out: Path, fraction: float, workers: int) -> None:
 
 # ---------------------------------------------------------------- ours
 
-def ours(pool: Path, out: Path, fraction: float) -> None:
-    from curate.filter import FilterConfig, filter_pool
-
+def _recipe(out: Path, fraction: float) -> Path:
     recipe = out / "clip_l14_30pct_datacomp_ties.yaml"
     base = (REPO / "recipes" / "clip_l14_30pct.yaml").read_text()
     recipe.write_text(base.replace("keep_top_fraction: 0.3}", f"keep_top_fraction: {fraction}, datacomp_ties: true}}"))
+    return recipe
+
+
+def select(pool: Path, out: Path, fraction: float) -> None:
+    from curate.datacomp_pool import SelectConfig, select_uids
+
+    s = select_uids(SelectConfig(recipe=str(_recipe(out, fraction)), pool=str(pool), out=str(out / "uids.npy")))
+    print(json.dumps({"kept": s["kept"], "threshold": s["threshold"]}), file=sys.stderr)
+
+
+def ours(pool: Path, out: Path, fraction: float) -> None:
+    from curate.filter import FilterConfig, filter_pool
+
+    recipe = _recipe(out, fraction)
     s = filter_pool(FilterConfig(recipe=str(recipe), pool=str(pool), out=str(out / "subset"), report=False,
                                  progress=False))
     os.replace(out / "subset" / "uids.npy", out / "uids.npy")
@@ -131,33 +146,40 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--workers", type=int, default=2, help="reference process pool size")
     ap.add_argument("--work", default=str(REPO / "work" / "bench_datacomp"))
-    ap.add_argument("--side", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     ap.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times; report the best")
     args = ap.parse_args()
     work = Path(args.work)
     if args.side == "reference":
         return reference(work / "datacomp_metadata", work / "out_reference", args.fraction, args.workers)
-    if args.side == "ours":
-        return ours(work / "pool", work / "out_ours", args.fraction)
+    if args.side == "filter":
+        return ours(work / "pool", work / "out_filter", args.fraction)
+    if args.side == "select":
+        return select(work / "pool", work / "out_select", args.fraction)
     work.mkdir(parents=True, exist_ok=True)
     generate(work, args.rows, args.files)
-    results: dict[str, list[dict]] = {"reference": [], "ours": []}
+    sides = ["reference"] + [s for s in args.sides.split(",") if s in SIDES and s != "reference"]
+    results: dict[str, list[dict]] = {s: [] for s in sides}
     for _ in range(args.repeats):
-        for side in ("reference", "ours"):
+        for side in sides:
             r = run_side(side, args)
             results[side].append(r)
             print(json.dumps(r), flush=True)
-    a, b = (Path(results[s][-1]["uids"]).read_bytes() for s in ("reference", "ours"))
-    if a != b:
-        raise SystemExit("uids.npy differ between reference and ours")
+    ref_bytes = Path(results["reference"][-1]["uids"]).read_bytes()
+    for s in sides[1:]:
+        if Path(results[s][-1]["uids"]).read_bytes() != ref_bytes:
+            raise SystemExit(f"uids.npy differ between reference and {s}")
     best = {s: min(rs, key=lambda r: r["wall_s"]) for s, rs in results.items()}
-    ref, us = best["reference"], best["ours"]
-    kept = len(np.load(ref["uids"]))
-    print(json.dumps({"rows": args.rows, "files": args.files, "kept": kept, "identical_uids_npy": True,
-                      "speedup_wall": round(ref["wall_s"] / us["wall_s"], 2),
+    ref = best["reference"]
+    summary = {"rows": args.rows, "files": args.files, "kept": len(np.load(ref["uids"])), "identical_uids_npy": True,
+               "reference": ref}
+    for s in sides[1:]:
+        us = best[s]
+        summary[s] = {**us, "speedup_wall": round(ref["wall_s"] / us["wall_s"], 2),
                       "speedup_cpu": round(ref["cpu_s"] / max(us["cpu_s"], 1e-9), 2),
-                      "memory_ratio": round(us["peak_rss_gb"] / ref["peak_rss_gb"], 3),
-                      "reference": ref, "ours": us}, indent=1))
+                      "memory_ratio": round(us["peak_rss_gb"] / ref["peak_rss_gb"], 3)}
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

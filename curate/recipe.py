@@ -27,6 +27,7 @@ import hashlib
 import importlib
 import json
 import pkgutil
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,6 +131,24 @@ class Recipe:
 
         walk(self.steps)
         return out
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's SafeLoader with YAML 1.2 booleans: only true/false (any case) are booleans.
+
+    Under YAML 1.1 a bare ``on``/``off``/``yes``/``no`` is a boolean, so DESIGN's own
+    ``dedup: {on: image}`` would arrive as the key True. Recipes are written by people who expect
+    the 1.2 reading, so those words stay strings here.
+    """
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 class _Ctx:
@@ -295,7 +314,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 
 def _parse_recipe(text: str, source: str) -> Recipe:
     registry = load_filters()
-    loader = yaml.SafeLoader(text)
+    loader = _RecipeLoader(text)
     try:
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as e:

@@ -152,3 +152,14 @@ def test_recipe_hash_ignores_comments_but_not_params():
     b = parse_recipe("# a comment\nname: x\nsteps:\n  - basic: {min_words: 3}\n")
     c = parse_recipe("name: x\nsteps:\n  - basic: {min_words: 4}\n")
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_yaml_1_1_boolean_words_are_keys_and_strings():
+    # DESIGN's own example: under YAML 1.1 a bare `on` is the boolean True.
+    r = parse_recipe("name: d\nsteps:\n  - dedup: {on: image, threshold: 0.95}\n", "d.yaml")
+    (step,) = r.all_steps()
+    assert step.params.on == "image"
+    with pytest.raises(CurateError, match="d.yaml:3"):
+        parse_recipe("name: d\nsteps:\n  - basic: {english: yes}\n", "d.yaml")  # `yes` is a string now
+    ok = parse_recipe("name: d\nsteps:\n  - basic: {english: false}\n", "d.yaml")
+    assert ok.all_steps()[0].params.english is False

@@ -406,15 +406,12 @@ def import_datacomp_cmd(metadata_dir, out, no_uid_check, overwrite):
 
 # ---------------------------------------------------------------- score-only recipes, streamed
 
-_NIBBLE = np.full(256, 255, np.uint8)
-_NIBBLE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
-_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
-
-
 def encode_uid_array(arr) -> np.ndarray:
     """Arrow string array of 32-hex uids -> DataComp ``u8,u8`` records (input order), without a Python
-    loop per row (curate.uids.encode parses each uid with int(); at millions of rows that dominates)."""
+    loop per row (curate.uids.encode parses each uid with int(); at millions of rows that dominates).
+
+    The uids' bytes are contiguous in the Arrow buffer, so one ``bytes.fromhex`` call decodes them
+    all into 16 big-endian bytes per uid, which numpy reads as two uint64."""
     import pyarrow as pa
 
     from curate import uids as uidmod
@@ -423,22 +420,43 @@ def encode_uid_array(arr) -> np.ndarray:
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
     arr = arr.cast(pa.string())
     n = len(arr)
-    out = np.empty(n, dtype=uidmod.UID_DTYPE)
     if n == 0:
-        return out
+        return np.empty(0, dtype=uidmod.UID_DTYPE)
     offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
-    if arr.null_count or not (np.diff(offsets) == 32).all():
+    chars = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
+    ok = not arr.null_count and bool((np.diff(offsets) == 32).all())
+    if ok:
+        ok = not ((chars >= ord("A")) & (chars <= ord("F"))).any()  # fromhex accepts upper case; uids are lower
+    try:
+        raw = bytes.fromhex(chars.tobytes().decode("ascii")) if ok else b""
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
         bad = next(i for i, u in enumerate(arr.to_pylist()) if not uidmod.is_uid(u))
         raise CurateError(f"row {bad}: uid {arr[bad].as_py()!r} is not 32 lowercase hex characters")
-    chars = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, 32)
-    nib = _NIBBLE[chars]
-    if (nib == 255).any():
-        bad = int(np.flatnonzero((nib == 255).any(axis=1))[0])
-        raise CurateError(f"row {bad}: uid {arr[bad].as_py()!r} is not 32 lowercase hex characters")
-    nib = nib.astype(np.uint64)
-    out["f0"] = np.bitwise_or.reduce(nib[:, :16] << _SHIFTS, axis=1)
-    out["f1"] = np.bitwise_or.reduce(nib[:, 16:] << _SHIFTS, axis=1)
+    be = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
+    out = np.empty(n, dtype=uidmod.UID_DTYPE)
+    out["f0"], out["f1"] = be[:, 0], be[:, 1]
     return out
+
+
+def _bounded_map(fn, items, threads: int = 2):
+    """`fn` over `items` in `threads` threads, results in order, at most 2 x threads in flight.
+
+    Threads, not processes: Arrow's parquet decoding and numpy release the GIL, and results (score
+    slices, kept uids) need no pickling."""
+    import concurrent.futures as cf
+    from collections import deque
+
+    threads = max(1, min(threads, os.cpu_count() or 1))
+    with cf.ThreadPoolExecutor(threads) as ex:
+        pending: deque = deque()
+        for item in items:
+            pending.append(ex.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @dataclass
@@ -515,10 +533,13 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
         sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
         first = read(files[0], [col]).column(0) if files else None
         scores = np.empty(sum(sizes), np.float32 if first is not None and first.type == pa.float32() else np.float64)
-        at = 0
-        for f, size in zip(files, sizes):
-            scores[at: at + size] = as_numpy(read(f, [col]).column(0))
-            at += size
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+
+        def load_scores(i: int) -> None:
+            scores[starts[i]: starts[i + 1]] = as_numpy(read(files[i], [col]).column(0))
+
+        for _ in _bounded_map(load_scores, range(len(files))):
+            pass
         n = len(scores)
         k = int(np.floor(n * p.keep_top_fraction + 1e-9))
         nan = np.isnan(scores)
@@ -544,22 +565,20 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
     parts: list[np.ndarray] = []
     arr = np.empty(n_keep, uidmod.UID_DTYPE) if n_keep is not None else None
     at, ties = 0, []
-    for f in files:
+    def kept_in(f: Path) -> tuple[np.ndarray, np.ndarray | None]:
         t = read(f, ["uid", col])
         s = as_numpy(t[col])
-        mask = s > thr if strict else s >= thr
-        if mask.any():
-            enc = encode_uid_array(t["uid"].filter(mask))
-            if arr is None:
-                parts.append(enc)
-            else:
-                arr[at: at + len(enc)] = enc
-                at += len(enc)
-        if tie_need:
-            eq = s == thr
-            if eq.any():
-                ties.append(encode_uid_array(t["uid"].filter(eq)))
-        del t, s, mask
+        enc = encode_uid_array(t["uid"].filter(s > thr if strict else s >= thr))
+        return enc, encode_uid_array(t["uid"].filter(s == thr)) if tie_need else None
+
+    for enc, tie in _bounded_map(kept_in, files):
+        if arr is None:
+            parts.append(enc)
+        else:
+            arr[at: at + len(enc)] = enc
+            at += len(enc)
+        if tie is not None and len(tie):
+            ties.append(tie)
     if tie_need:
         tied = np.sort(np.concatenate(ties), order=["f0", "f1"])
         arr[at: at + tie_need] = tied[:tie_need]

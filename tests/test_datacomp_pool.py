@@ -176,6 +176,10 @@ def test_clip_l14_30pct_matches_datacomps_rule(source, pool, tmp_path):
     # and it is the L/14 column that was used, not B/32's
     b32 = rows["clip_b32_similarity_score"].to_numpy()
     assert not np.array_equal(np.sort(uid[score >= t]), np.sort(uid[b32 >= -np.sort(-b32)[int(n * 0.3)]]))
+    # the subset carries the face boxes, so downloading it blurs them (curate download's default)
+    sub = pq.read_table(tmp_path / "dc" / "subset.parquet").to_pandas().set_index("uid")
+    src = rows.to_pandas().set_index("uid").loc[sub.index]
+    assert [list(map(list, b)) for b in sub.face_bboxes] == [list(map(list, b)) for b in src.face_bboxes]
     # the ledger accounts for every released row
     dec = pq.read_table(tmp_path / "dc" / "decisions.parquet")
     assert dec.filter(pa.compute.equal(dec["step"], "pool")).num_rows == n

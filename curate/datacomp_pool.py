@@ -57,6 +57,7 @@ OPTIONAL_COLUMNS = ("face_bboxes",)
 # DataComp prefix -> (open_clip architecture, score column). Both are OpenAI's weights.
 MODELS = {"b32": ("ViT-B-32", "clip_b32_similarity_score"), "l14": ("ViT-L-14", "clip_l14_similarity_score")}
 PUBLISHED_DIMS = {"b32": 512, "l14": 768}
+BATCH_ROWS = 65_536  # rows decoded at a time when streaming a score column with its uids
 
 
 # ---------------------------------------------------------------- npz members, memory-mapped
@@ -440,6 +441,28 @@ def encode_uid_array(arr) -> np.ndarray:
     return out
 
 
+def _sort_uids(arr: np.ndarray) -> None:
+    """Sort DataComp uid records in place by (f0, f1).
+
+    numpy's structured-array sort compares records through a generic path (6.5 s for 3.8M rows
+    here); an argsort of f0, applied field by field, is ~20x faster and needs one index array and
+    one field-sized temporary instead of a second copy of the records. Equal f0 (practically never
+    for random 128-bit uids, but possible) are then ordered by f1 within their run."""
+    order = np.argsort(arr["f0"])
+    for name in ("f0", "f1"):
+        arr[name] = arr[name][order]
+    del order
+    f0 = arr["f0"]
+    dup = np.flatnonzero(f0[1:] == f0[:-1])
+    if len(dup):
+        starts = dup[np.r_[True, np.diff(dup) > 1]]  # first index of each run of equal f0
+        for st in starts:
+            end = st + 1
+            while end < len(arr) and f0[end] == f0[st]:
+                end += 1
+            arr[st:end] = np.sort(arr[st:end], order=["f0", "f1"])
+
+
 def _bounded_map(fn, items, threads: int = 2):
     """`fn` over `items` in `threads` threads, results in order, at most 2 x threads in flight.
 
@@ -516,11 +539,12 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
     t0 = time.time()
     p = step.params
 
-    def read(f: Path, columns: list[str]):
-        # One file at a time, single-threaded: Arrow's reader threads each keep an allocator arena,
-        # which costs more resident memory than the file itself at this size.
+    def batches(f: Path, columns: list[str]):
+        # Streamed in batches, single-threaded: a whole file's uid column (~0.5M strings) decoded at
+        # once, or Arrow's reader threads each keeping an allocator arena, cost more resident memory
+        # than everything else this function holds.
         try:
-            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise CurateError(f"{f}: cannot read {columns} ({e})") from None
 
@@ -531,12 +555,17 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
     thr, tie_need, n_keep = p.threshold, 0, None
     if p.keep_top_fraction is not None:
         sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-        first = read(files[0], [col]).column(0) if files else None
-        scores = np.empty(sum(sizes), np.float32 if first is not None and first.type == pa.float32() else np.float64)
+        ftype = pq.ParquetFile(files[0]).schema_arrow.field(col).type if files else pa.float64()
+        scores = np.empty(sum(sizes), np.float32 if ftype == pa.float32() else np.float64)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
 
         def load_scores(i: int) -> None:
-            scores[starts[i]: starts[i + 1]] = as_numpy(read(files[i], [col]).column(0))
+            at = starts[i]
+            for b in batches(files[i], [col]):
+                scores[at: at + b.num_rows] = as_numpy(b.column(0))
+                at += b.num_rows
+            if at != starts[i + 1]:
+                raise CurateError(f"{files[i]}: read {at - starts[i]} rows, footer says {sizes[i]}")
 
         for _ in _bounded_map(load_scores, range(len(files))):
             pass
@@ -566,10 +595,13 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
     arr = np.empty(n_keep, uidmod.UID_DTYPE) if n_keep is not None else None
     at, ties = 0, []
     def kept_in(f: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        t = read(f, ["uid", col])
-        s = as_numpy(t[col])
-        enc = encode_uid_array(t["uid"].filter(s > thr if strict else s >= thr))
-        return enc, encode_uid_array(t["uid"].filter(s == thr)) if tie_need else None
+        enc, tie = [], []
+        for b in batches(f, ["uid", col]):
+            s = as_numpy(b.column(1))
+            enc.append(encode_uid_array(b.column(0).filter(s > thr if strict else s >= thr)))
+            if tie_need:
+                tie.append(encode_uid_array(b.column(0).filter(s == thr)))
+        return np.concatenate(enc), np.concatenate(tie) if tie else None
 
     for enc, tie in _bounded_map(kept_in, files):
         if arr is None:
@@ -587,7 +619,7 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
         arr = np.concatenate(parts) if parts else np.empty(0, uidmod.UID_DTYPE)
     elif at != len(arr):
         raise RuntimeError(f"select_uids: expected {len(arr)} uids, collected {at}")
-    arr.sort(order=["f0", "f1"])  # in place: no second copy of the kept uids
+    _sort_uids(arr)
     with atomic_path(out, suffix=".npy") as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, arr)

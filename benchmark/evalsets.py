@@ -31,6 +31,8 @@ from typing import Iterator
 import click
 import numpy as np
 
+from curate.hashing import sha256_file
+from curate.pool_io import decode_image  # the pool's pixel-capped decoder; ImageDecodeError is a ValueError
 from benchmark.tasks import (
     CLASSIFICATION, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task, get_task,
 )
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb cap; evaluation images are far smaller
 BUILD_VERSION = 1  # bump when the offline builder's output changes, to rebuild old folders
 SHARD_SIZE = 5000
 SMALL_SET_BYTES = 4 << 20  # below this, decode in-process (see iter_batches)
@@ -148,23 +149,6 @@ def open_evalset(task: Task, root: str | os.PathLike) -> EvalSet:
     if task.type == RETRIEVAL and dataset_type != RETRIEVAL:
         raise CurateError(f"{task.key}: {folder / 'dataset_type.txt'} must say 'retrieval'")
     return EvalSet(task, folder, dataset_type, shards, classnames, templates)
-
-
-def decode_image(data: bytes):
-    """Decode image bytes with a pixel cap; raises ValueError with a reason on failure."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image too large ({w}x{h} > {MAX_IMAGE_PIXELS} pixels)")
-        img.load()
-    except ValueError:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from None
-    return img
 
 
 def _image_bytes(sample: dict) -> bytes | None:
@@ -577,14 +561,6 @@ def _lfs_pointer(url: str) -> tuple[str | None, int | None]:
     return (oid.split(":", 1)[1] if ":" in oid else None), int(info.get("size", 0)) or None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(cfg: DownloadConfig) -> dict:
     """Fetch DataComp's evaluation sets into cfg.out (skips shards whose checksum already matches)."""
     from benchmark.tasks import DATACOMP_KEYS
@@ -612,7 +588,7 @@ def download(cfg: DownloadConfig) -> dict:
             for i in range(n):
                 dest = folder / "test" / f"{i}.tar"
                 sha, size = _lfs_pointer(f"{base}/raw/main/test/{i}.tar")
-                if dest.is_file() and sha and dest.stat().st_size == size and _sha256_file(dest) == sha:
+                if dest.is_file() and sha and dest.stat().st_size == size and sha256_file(dest) == sha:
                     continue
                 _fetch(f"{base}/resolve/main/test/{i}.tar", dest, cfg.max_bytes, sha)
             if task.type == RETRIEVAL:

@@ -39,6 +39,7 @@ import click
 import numpy as np
 
 from curate import atomic, uids as uidlib
+from curate.hashing import sha256_file
 from curate.errors import CurateError
 
 BUNDLE_FORMAT = 1
@@ -51,14 +52,6 @@ TOOL_PACKAGES = ("curate", "torch", "torchvision", "open_clip_torch", "img2datas
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def tool_versions() -> dict[str, str]:
     """Installed versions of the tools a result depends on (read from package metadata: no heavy imports)."""

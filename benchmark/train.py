@@ -34,6 +34,7 @@ from pathlib import Path
 
 import click
 
+from curate.hashing import sha256_file
 from benchmark.data import StreamConfig, find_shards, make_loader
 from benchmark.scales import Scale, get_scale, override, parse_overrides
 from curate import __version__
@@ -79,15 +80,12 @@ def _dist_env() -> tuple[int, int, int]:
 
 def subset_hash(data: Path, shards: list[str]) -> str:
     """sha256 of SUBSET/uids.npy (DataComp's unit of exchange), else of the shard listing."""
-    h = hashlib.sha256()
     uids = data / "uids.npy"
     if uids.exists():
-        with open(uids, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    else:
-        for s in shards:
-            h.update(f"{Path(s).name}:{os.path.getsize(s)}".encode())
+        return sha256_file(uids)
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{Path(s).name}:{os.path.getsize(s)}".encode())
     return h.hexdigest()
 
 

@@ -44,7 +44,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 from urllib.parse import urlsplit
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -29,7 +29,6 @@ Outputs (each written atomically):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
@@ -48,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import __version__
-from curate.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet
+from curate.atomic import atomic_path, cleanup_temp_files, write_json
 from curate.errors import CurateError
 from curate.recipe import Recipe, SetOp, Step, load_recipe, resolve_models
 

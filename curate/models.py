@@ -11,13 +11,13 @@ changes the id, so stale embeddings are never mistaken for current ones.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from curate.hashing import sha256_file
 from curate.errors import CurateError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -40,11 +40,8 @@ def known_architectures() -> list[str]:
 
 @lru_cache(maxsize=64)
 def _sha256_file(path: str, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    # (mtime, size) are part of the cache key so a rewritten checkpoint is hashed again
+    return sha256_file(path)
 
 
 def weights_sha256(path: str | os.PathLike) -> str:

@@ -88,7 +88,6 @@ def read_metadata(pool: str | Path, shard: int | None = None, columns: list[str]
                   success_only: bool = False):
     """Pool metadata as a pyarrow Table: one shard, or all shards concatenated in shard order."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     shards = list_shards(pool)
     if shard is not None:

@@ -42,6 +42,7 @@ import numpy as np
 
 from curate import __version__
 from curate import uids as uidlib
+from curate.hashing import sha256_file
 from curate.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet
 from curate.errors import CurateError
 
@@ -109,14 +110,6 @@ def _resolve_pool(cfg: ReshardConfig) -> Path:
 def _file_sig(p: Path) -> str:
     st = p.stat()
     return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_pool_metadata(pool: Path):
@@ -216,9 +209,9 @@ def make_plan(cfg: ReshardConfig, pool: Path) -> _Plan:
             items.append((shard_col[i], key_col[i], ok, u))
 
     h = hashlib.sha256()
-    h.update(_sha256(uids_path).encode())
+    h.update(sha256_file(uids_path).encode())
     if (cfg.subset / "subset.parquet").exists():
-        h.update(_sha256(cfg.subset / "subset.parquet").encode())
+        h.update(sha256_file(cfg.subset / "subset.parquet").encode())
     for f in meta_files:
         h.update(_file_sig(f).encode())
     h.update(f"shard_size={cfg.shard_size};v={__version__}".encode())

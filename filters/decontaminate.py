@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import faiss_index
+from curate.hashing import sha256_file
 from curate.atomic import atomic_path, write_bytes
 from curate.errors import CurateError
 from filters.base import Batch, Filter, StepResult, register
@@ -124,14 +125,6 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @register
 class DecontaminateFilter(Filter):
     """Remove pool rows that are exact or near copies of evaluation-set images."""
@@ -168,7 +161,7 @@ class DecontaminateFilter(Filter):
         if not self.images:
             raise CurateError(f"decontaminate: evalsets: no readable images under {root} "
                               f"(looked for {', '.join(IMAGE_EXTS)} files and .tar shards)")
-        shas = [_sha256(im.path) for im in self.images]
+        shas = [sha256_file(im.path) for im in self.images]
         self.sha_to_label = {}
         for s, im in zip(shas, self.images):
             self.sha_to_label.setdefault(s, im.label)

@@ -129,7 +129,7 @@ def test_corrupt_image_is_recorded_not_fatal(world, tmp_path, monkeypatch):
                             out=tmp_path / "r.jsonl", num_workers=1, progress=False))
     rec = s["results"]["vtab/svhn"]
     assert rec["n"] == 6 and rec["n_failed"] == 1
-    assert rec["failed"][0]["key"] == "corrupt" and "cannot decode" in rec["failed"][0]["error"]
+    assert rec["failed"][0]["key"] == "corrupt" and "undecodable image" in rec["failed"][0]["error"]
 
 
 def _reference_features(world, task_key):

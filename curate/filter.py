@@ -50,6 +50,7 @@ from curate import __version__
 from curate.atomic import atomic_path, cleanup_temp_files, write_json
 from curate.errors import CurateError
 from curate.recipe import Recipe, SetOp, Step, load_recipe, resolve_models
+from filters.base import Filter
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +235,15 @@ class Runner:
         self._record("pool", "pool", dest, cached=cached, threshold=None)
         return dest
 
-    def _query_for(self, step: Step, prev: Path, prev_is_pool: bool) -> tuple[str, list[str]]:
-        """SQL selecting uid + the step's declared columns for rows kept by `prev`."""
+    def _query_for(self, step: Step, filt: Filter, prev: Path, prev_is_pool: bool) -> tuple[str, list[str]]:
+        """SQL selecting uid + the columns the step's filter instance declares, for rows kept by `prev`.
+
+        The instance's declarations are used (not the class's) because a filter may read less for
+        some parameters, e.g. ``dedup: {on: text}`` needs no image embeddings.
+        """
         cls = step.cls
-        cols = list(dict.fromkeys(cls.columns))
-        want_emb = [f"{e}_emb" for e in cls.embeddings]
+        cols = list(dict.fromkeys(filt.columns))
+        want_emb = [f"{e}_emb" for e in filt.embeddings]
         select = ["m.uid AS uid"]
         joins = []
         emb_cols: list[str] = []
@@ -300,7 +305,7 @@ class Runner:
         filt = step.cls(step.params)
         ctx = self.context_for(step)
         filt.setup(ctx)
-        q, want_emb = self._query_for(step, prev, prev_is_pool)
+        q, want_emb = self._query_for(step, filt, prev, prev_is_pool)
         threshold = None
         extra: list[str] = []
         writer = None

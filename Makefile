@@ -3,7 +3,7 @@
 #
 #   make setup   Debian packages (image sources, WordNet, Fashion-MNIST), the Twemoji npm package,
 #                and a virtualenv with the project installed (pinned versions from pyproject.toml)
-#   make demo    setup, then the demo job on the built-in offline pool
+#   make demo    setup, then the demo job on the built-in offline pool (DEMO_SIZE=full for ~12.5k rows)
 #   make test    setup, then the whole test suite (this is what .ci/run calls)
 #   make perf    setup, then the perf/ benchmarks (slow; results go to perf/RESULTS.md by hand)
 
@@ -14,6 +14,8 @@ DEPS := .deps
 APT_PACKAGES := openclipart-svg tuxpaint-stamps-default dataset-fashion-mnist wordnet-base libcairo2
 NPM_PACKAGES := emoji-datasource-twitter@16.0.0
 WORK ?= work
+# offline pool size for the demo: small (~1.5k rows) or full (~12.5k rows)
+DEMO_SIZE ?= small
 export NO_ALBUMENTATIONS_UPDATE := 1
 export CURATE_DEPS := $(abspath $(DEPS))
 
@@ -45,7 +47,7 @@ $(VENV)/installed.stamp: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(VENV)/bin/curate demo --work $(WORK)
+	$(VENV)/bin/curate demo --work $(WORK) --size $(DEMO_SIZE)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider

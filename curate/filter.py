@@ -58,7 +58,8 @@ LEDGER_SCHEMA = pa.schema([
     ("uid", pa.string()), ("kept", pa.bool_()), ("score", pa.float64()), ("threshold", pa.float64()),
     ("reason", pa.string()),
 ])
-SUBSET_BASE_COLUMNS = ("uid", "url", "text", "shard", "key")
+# face_bboxes: DataComp pools' face boxes travel with the subset so `curate download` of it blurs them.
+SUBSET_BASE_COLUMNS = ("uid", "url", "text", "shard", "key", "face_bboxes")
 # Bump when the meaning of cached step files or outputs changes, so old caches are not reused.
 FORMAT_VERSION = 1
 
@@ -193,7 +194,13 @@ class Runner:
         if cfg.threads:
             _run(self.con, f"SET threads={int(cfg.threads)}")
         self.meta_glob = str(pool / "metadata" / "*.parquet")
-        _run(self.con, f"CREATE VIEW meta AS SELECT * FROM read_parquet({_sql_str(self.meta_glob)})")
+        from curate import datacomp_pool
+
+        # DataComp's released metadata + npz, read in place (curate pool import-datacomp).
+        self.datacomp = datacomp_pool.is_datacomp_pool(pool)
+        meta_sql = (datacomp_pool.meta_view_sql(pool) if self.datacomp
+                    else f"SELECT * FROM read_parquet({_sql_str(self.meta_glob)})")
+        _run(self.con, f"CREATE VIEW meta AS {meta_sql}")
         self.meta_cols = [r[0] for r in _run(self.con, "DESCRIBE meta")]
         for need in ("uid", "status"):
             if need not in self.meta_cols:
@@ -207,7 +214,10 @@ class Runner:
         if model_id not in self.emb_views:
             view = f"emb_{len(self.emb_views)}"
             glob = self.pool / "embeddings" / model_id / "*.parquet"
-            _run(self.con, f"CREATE VIEW {view} AS SELECT * FROM read_parquet({_sql_str(glob)})")
+            from curate import datacomp_pool
+
+            sql = datacomp_pool.embeddings_view_sql(self.pool, model_id) if self.datacomp else None
+            _run(self.con, f"CREATE VIEW {view} AS {sql or f'SELECT * FROM read_parquet({_sql_str(glob)})'}")
             cols = [r[0] for r in _run(self.con, f"DESCRIBE {view}")]
             self.emb_views[model_id] = (view, cols)
         return self.emb_views[model_id]
@@ -247,15 +257,24 @@ class Runner:
         select = ["m.uid AS uid"]
         joins = []
         emb_cols: list[str] = []
+        base, e = "meta", "e"
         if step.model_id:
             view, emb_cols = self.emb_view(step.model_id)
-            joins.append(f"LEFT JOIN {view} e ON e.uid = m.uid")
-        uses_meta = False
+            if "_npz_src" in emb_cols:
+                # DataComp pool: the model's view is the metadata row for row plus clip_score and the
+                # npz location of each row's vectors, so it stands in for `meta` (no join).
+                base, e = view, "m"
+            else:
+                joins.append(f"LEFT JOIN {view} e ON e.uid = m.uid")
+        uses_meta = base != "meta"
         for c in cols + want_emb:
             if c == "uid":
                 continue
-            if c in emb_cols and (c not in self.meta_cols or c in want_emb or c == "clip_score"):
-                select.append(f"e.{c} AS {c}")
+            if c in want_emb and "_npz_src" in emb_cols:
+                if "m._npz_src AS _npz_src" not in select:
+                    select += ["m._npz_src AS _npz_src", "m._npz_row AS _npz_row", "m._npz_prefix AS _npz_prefix"]
+            elif c in emb_cols and (c not in self.meta_cols or c in want_emb or c == "clip_score"):
+                select.append(f"{e}.{c} AS {c}")
             elif c in self.meta_cols:
                 select.append(f"m.{c} AS {c}")
                 uses_meta = True
@@ -264,10 +283,10 @@ class Runner:
                 raise CurateError(f"{self.recipe.source}:{step.line}: steps {step.id}: filter {step.name!r} reads column "
                                   f"{c!r}, which the pool does not have ({have})")
         if prev_is_pool:
-            src = "meta m"
+            src = f"{base} m"
             where = "m.status = 'success'"
         elif uses_meta:
-            src = f"read_parquet({_sql_str(prev)}) p JOIN meta m ON m.uid = p.uid"
+            src = f"read_parquet({_sql_str(prev)}) p JOIN {base} m ON m.uid = p.uid"
             where = "p.kept AND m.status = 'success'"
         else:
             # Only embedding columns: the previous step's survivors are already success rows, so the
@@ -416,9 +435,15 @@ def _apply_batch(filt, table: pa.Table, want_emb: list[str], ctx: dict[str, Any]
     n = table.num_rows
     if n == 0:
         return _empty_result()
-    img = _vectors_to_numpy(table["image_emb"], n) if "image_emb" in want_emb else None
-    txt = _vectors_to_numpy(table["text_emb"], n) if "text_emb" in want_emb else None
-    keep_cols = [c for c in table.column_names if c not in ("image_emb", "text_emb")]
+    if "_npz_src" in table.column_names:  # DataComp pool: rows' vectors gathered from the npz files
+        from curate.datacomp_pool import batch_vectors
+
+        img = batch_vectors(table, "img") if "image_emb" in want_emb else None
+        txt = batch_vectors(table, "txt") if "text_emb" in want_emb else None
+    else:
+        img = _vectors_to_numpy(table["image_emb"], n) if "image_emb" in want_emb else None
+        txt = _vectors_to_numpy(table["text_emb"], n) if "text_emb" in want_emb else None
+    keep_cols = [c for c in table.column_names if c not in ("image_emb", "text_emb", "_npz_src", "_npz_row", "_npz_prefix")]
     return filt.apply(Batch(table.select(keep_cols), image_emb=img, text_emb=txt, context=ctx))
 
 

@@ -28,6 +28,7 @@ import importlib
 import json
 import pkgutil
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,11 +170,21 @@ class _Ctx:
         for k, v in node.value:
             key = self.value(k)
             if not isinstance(key, str):
-                raise self.err(k, fieldname, f"keys must be strings, got {key!r}")
+                raise self.err(k, fieldname, f"keys must be strings, got {_short(key)}")
             if key in out:
                 raise self.err(k, f"{fieldname}.{key}" if fieldname else key, "duplicate key")
             out[key] = (k, v)
         return out
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """repr() bounded in size: a YAML alias bomb (10**9 leaves in 500 bytes) must not be spelled out."""
+    return _REPR.repr(value)
 
 
 def _kind(node: yaml.Node) -> str:
@@ -242,7 +253,7 @@ def build_params(cls: type, mapping_node: yaml.Node | None, ctx: _Ctx, where: st
             value = ctx.value(vnode)
             ok, conv = _check_type(value, hints[key])
             if not ok:
-                raise ctx.err(vnode, f"{where}.{key}", f"expected {_type_name(hints[key])}, got {value!r}")
+                raise ctx.err(vnode, f"{where}.{key}", f"expected {_type_name(hints[key])}, got {_short(value)}")
             meta = fields[key].metadata
             if conv is not None and isinstance(conv, (int, float)) and not isinstance(conv, bool):
                 if "min" in meta and conv < meta["min"]:
@@ -310,6 +321,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except yaml.MarkedYAMLError as e:  # e.g. a !!python/... tag refused by the SafeLoader
         mark = e.problem_mark or e.context_mark
         raise CurateError(f"{source}:{mark.line + 1 if mark else '?'}: {e.problem or e}") from None
+    except yaml.YAMLError as e:  # e.g. a NUL or other control character: the reader's error has no mark
+        raise CurateError(f"{source}: not valid YAML: {e}") from None
 
 
 def _parse_recipe(text: str, source: str) -> Recipe:
@@ -342,7 +355,7 @@ def _parse_recipe(text: str, source: str) -> Recipe:
             v = ctx.value(node)
             ok, v = _check_type(v, tp | None if key != "name" else tp)
             if not ok:
-                raise ctx.err(node, key, f"expected {tp.__name__}, got {ctx.value(node)!r}")
+                raise ctx.err(node, key, f"expected {tp.__name__}, got {_short(ctx.value(node))}")
             vals[key] = v
     if not vals["name"] or "/" in vals["name"]:
         raise ctx.err(top["name"][1], "name", "must be a non-empty name without '/'")

@@ -75,7 +75,7 @@ name: killme
 steps:
   - basic: {english: false}
   - clip_score: {model: curate-debug, keep_top_fraction: 0.5}
-  - dedup: {"on": image, threshold: 0.9}  # quoted: see test_properties, bare `on` is YAML 1.1 true
+  - dedup: {on: image, threshold: 0.9}
 """
 
 

@@ -28,7 +28,9 @@ from curate.errors import CurateError
 
 _MEMBER_RE = re.compile(r"^([0-9]+)\.([a-z0-9.]+)$")
 REQUIRED_EXTS = ("jpg", "txt", "json")
-MAX_JSON_BYTES = 1 << 20
+# The downloader stores the caption in each sample's json, so the cap follows the per-member cap every
+# pool reader applies (pool_io.MAX_MEMBER_BYTES), not a smaller one: a 1 MB caption must still verify.
+MAX_JSON_BYTES = 64 << 20
 SHOW = 5  # examples listed per problem
 
 

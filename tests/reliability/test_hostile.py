@@ -74,9 +74,9 @@ def test_hostile_captions_survive_byte_exact_from_download_to_reshard(tmp_path, 
     _captions_end_to_end(tmp_path, serve_dir, HOSTILE_CAPTIONS)
 
 
-@pytest.mark.xfail(strict=True, reason="curate download writes the caption into each sample's json, and "
-                   "curate/pool_verify.py refuses sample json over 1 MiB: the pool fails verification forever")
 def test_a_1mb_caption_is_stored_whole_and_the_pool_verifies(tmp_path, serve_dir):
+    """Found by this suite: the downloader puts the caption in the sample json and pool_verify refused json over
+    1 MiB, so such a pool failed verification forever (fixed: the json cap is pool_io's member cap)."""
     _captions_end_to_end(tmp_path, serve_dir, HOSTILE_CAPTIONS[:1] + [HUGE_CAPTION])
 
 

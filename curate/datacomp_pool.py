@@ -640,8 +640,8 @@ def select_datacomp_cmd(recipe, pool, out):
 
     \b
     Same kept uids as `curate filter --recipe R --pool POOL` (which also writes the per-uid ledger,
-    subset.parquet and report); this reads only the score column and the kept uids, so a 12.8M-row
-    pool needs ~100 MB. Recipes with any other step: use `curate filter`.
+    subset.parquet and report); this streams only the score column and the uids, so a 12.8M-row
+    pool takes seconds and well under 0.5 GB. Recipes with any other step: use `curate filter`.
     """
     s = select_uids(SelectConfig(recipe=recipe, pool=pool, out=out))
     if not s.get("up_to_date"):

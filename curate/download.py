@@ -96,6 +96,8 @@ class DownloadConfig:
     url_col: str = "url"
     text_col: str = "text"
     uid_col: str = "uid"
+    bbox_col: str = "face_bboxes"
+    blur_faces: bool | None = None  # None = blur when the input has a face-box column (DataComp's default)
     shard_size: int = 10_000
     image_size: int = 256
     resize_mode: str = "border"
@@ -116,7 +118,7 @@ class DownloadConfig:
     echo: bool = True
 
     CONTENT_FIELDS = ("url_col", "text_col", "uid_col", "shard_size", "image_size", "resize_mode",
-                      "resize_only_if_bigger", "encode_quality")
+                      "resize_only_if_bigger", "encode_quality", "blur_faces")
 
     def __post_init__(self) -> None:
         self.urls, self.out = Path(self.urls), Path(self.out)
@@ -239,6 +241,14 @@ def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
         return key, None, str(err) or type(err).__name__
 
 
+def _blurrer():
+    """img2dataset's face blurrer (boxes are relative [x1, y1, x2, y2], grown by 10% of their diagonal and
+    Gaussian-feathered, as DataComp's download does)."""
+    from img2dataset.blurrer import BoundingBoxBlurrer
+
+    return BoundingBoxBlurrer()
+
+
 def _safe_resizer_class():
     from img2dataset.resizer import Resizer
     from PIL import Image
@@ -308,20 +318,22 @@ def run_shard(job: ShardJob) -> dict:
         staged_tar = None
         if job.todo:
             rows = job.rows.take(pa.array(job.todo, pa.int64()))
-            feather.write_feather(
-                pa.table({"uid": rows["uid"], "caption": rows["text"], "url": rows["url"]}),
-                str(staging / "input.feather"), compression="uncompressed")
+            columns = {"uid": rows["uid"], "caption": rows["text"], "url": rows["url"]}
+            blur = bool(s.get("blur_faces"))
+            if blur:
+                columns["face_bboxes"] = rows["face_bboxes"]
+            feather.write_feather(pa.table(columns), str(staging / "input.feather"), compression="uncompressed")
             from img2dataset.downloader import Downloader
             from img2dataset.writer import WebDatasetSampleWriter
 
             resizer = _safe_resizer_class()(
                 image_size=s["image_size"], resize_mode=s["resize_mode"],
                 resize_only_if_bigger=s["resize_only_if_bigger"], encode_quality=s["encode_quality"],
-                encode_format="jpg", max_pixels=s["max_pixels"])
+                encode_format="jpg", max_pixels=s["max_pixels"], blurrer=_blurrer() if blur else None)
             downloader = Downloader(
                 sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=s["threads"],
                 save_caption=True, extract_exif=False, output_folder=str(out_dir),
-                column_list=["uid", "caption", "url"], timeout=s["timeout"],
+                column_list=list(columns), blurring_bbox_col="face_bboxes" if blur else None, timeout=s["timeout"],
                 number_sample_per_shard=s["shard_size"], oom_shard_count=8, compute_hash="sha256",
                 verify_hash_type=None, encode_format="jpg", retries=s["retries"],
                 user_agent_token=USER_AGENT_TOKEN, disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
@@ -543,7 +555,10 @@ def download(cfg: DownloadConfig) -> dict:
 
     started = time.time()
     say = click.echo if cfg.echo else (lambda *a, **k: None)
-    inp = read_input(cfg.urls, InputColumns(cfg.url_col, cfg.text_col, cfg.uid_col))
+    inp = read_input(cfg.urls, InputColumns(cfg.url_col, cfg.text_col, cfg.uid_col, cfg.bbox_col))
+    if cfg.blur_faces and not inp.has_bboxes:
+        raise CurateError(f"{cfg.urls}: --blur-faces needs a {cfg.bbox_col!r} column of face boxes (DataComp's "
+                          "metadata has one); use --bbox-col to name it, or --no-blur-faces")
     prev = _prepare_pool(cfg, inp)
     n = inp.num_rows
     n_shards = math.ceil(n / cfg.shard_size)
@@ -560,6 +575,7 @@ def download(cfg: DownloadConfig) -> dict:
     job_settings = {k: settings[k] for k in ("shard_size", "image_size", "resize_mode", "resize_only_if_bigger",
                                              "encode_quality", "threads", "timeout", "retries", "max_bytes",
                                              "max_pixels", "max_redirects")}
+    job_settings["blur_faces"] = inp.has_bboxes if cfg.blur_faces is None else cfg.blur_faces
 
     def shard_rows(k: int) -> pa.Table:
         return inp.table.slice(k * cfg.shard_size, cfg.shard_size)
@@ -664,6 +680,11 @@ def summary_table(state: dict, run: dict) -> str:
 @click.option("--url-col", default="url", show_default=True, help="Input column holding the image URL.")
 @click.option("--text-col", default="text", show_default=True, help="Input column holding the caption.")
 @click.option("--uid-col", default="uid", show_default=True, help="Input column with given uids (used if present).")
+@click.option("--blur-faces/--no-blur-faces", default=None,
+              help="Blur the face boxes of --bbox-col in every image at download time, as DataComp does "
+                   "[default: on when the input has that column].")
+@click.option("--bbox-col", default="face_bboxes", show_default=True,
+              help="Input column of face boxes, relative [x1, y1, x2, y2] per box (DataComp's face_bboxes).")
 @click.option("--shard-size", default=10_000, show_default=True, type=int, help="Input rows per shard.")
 @click.option("--processes", default=None, type=int,
               help="Shards downloaded at once. Default: one per CPU of the Ray cluster (or of this machine).")

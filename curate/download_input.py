@@ -44,6 +44,8 @@ REJECTED_MISSING = "rejected_missing_field"
 REJECTED_URL = "rejected_bad_url"
 REJECTED_DUPLICATE = "rejected_duplicate"
 REJECTION_STATUSES = (REJECTED_MISSING, REJECTED_URL, REJECTED_DUPLICATE)
+BBOX_TYPE_NAME = "face_bboxes"
+BBOX_TYPE = pa.list_(pa.list_(pa.float64()))
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class InputColumns:
     url: str = "url"
     text: str = "text"
     uid: str = "uid"
+    bbox: str = "face_bboxes"  # DataComp's face boxes (relative [x1, y1, x2, y2]); carried when present
 
 
 @dataclass
@@ -67,6 +70,10 @@ class InputTable:
     @property
     def num_rows(self) -> int:
         return self.table.num_rows
+
+    @property
+    def has_bboxes(self) -> bool:
+        return BBOX_TYPE_NAME in self.table.column_names
 
 
 def input_files(path: str | os.PathLike) -> list[Path]:
@@ -102,7 +109,7 @@ def _read_one(path: Path, cols: InputColumns) -> pa.Table:
             import pyarrow.parquet as pq
 
             names = pq.read_schema(path).names
-            wanted = [c for c in (cols.url, cols.text, cols.uid) if c in names]
+            wanted = [c for c in (cols.url, cols.text, cols.uid, cols.bbox) if c in names]
             table = pq.read_table(path, columns=wanted)
         elif kind in ("csv", "tsv"):
             import pyarrow.csv as pcsv
@@ -138,7 +145,37 @@ def _read_one(path: Path, cols: InputColumns) -> pa.Table:
     out = {"url": table[cols.url], "text": table[cols.text]}
     if cols.uid in table.column_names:
         out["uid"] = table[cols.uid]
-    return pa.table({k: _as_string(v, path, k) for k, v in out.items()})
+    t = pa.table({k: _as_string(v, path, k) for k, v in out.items()})
+    if cols.bbox in table.column_names:
+        t = t.append_column(BBOX_TYPE_NAME, _as_bboxes(table[cols.bbox], path, cols.bbox))
+    return t
+
+
+def _as_bboxes(col: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
+    """Face boxes as list<list<float64>>, each box 4 numbers (DataComp: relative x1, y1, x2, y2)."""
+    import pyarrow.compute as pc
+
+    try:
+        col = col.cast(BBOX_TYPE)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise CurateError(f"{path}: column {name!r} has type {col.type}, expected a list of [x1, y1, x2, y2] "
+                          "boxes (list<list<float>>)") from None
+    for chunk_start, chunk in _chunks(col):
+        boxes = pc.list_flatten(chunk)
+        bad = pc.not_equal(pc.list_value_length(boxes), 4)
+        if pc.any(bad).as_py():
+            owner = pc.list_parent_indices(chunk).to_numpy()
+            first = int(owner[pc.index(bad, True).as_py()])
+            raise CurateError(f"{path}: row {chunk_start + first} of column {name!r} has a box that is not "
+                              "[x1, y1, x2, y2]")
+    return col
+
+
+def _chunks(col: pa.ChunkedArray):
+    start = 0
+    for chunk in col.chunks:
+        yield start, chunk
+        start += len(chunk)
 
 
 def _as_string(col: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
@@ -177,6 +214,8 @@ def read_input(path: str | os.PathLike, cols: InputColumns = InputColumns()) -> 
     uids_given = all("uid" in t.column_names for t in tables)
     if not uids_given and any("uid" in t.column_names for t in tables):
         raise CurateError(f"{path}: some input files have a {cols.uid!r} column and some do not")
+    if len({BBOX_TYPE_NAME in t.column_names for t in tables}) > 1:
+        raise CurateError(f"{path}: some input files have a {cols.bbox!r} column and some do not")
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if table.num_rows == 0:
         raise CurateError(f"{path}: has no rows")
@@ -226,4 +265,6 @@ def read_input(path: str | os.PathLike, cols: InputColumns = InputColumns()) -> 
             "error_message": pa.array(errors, pa.string()),
         }
     )
+    if BBOX_TYPE_NAME in table.column_names:
+        out = out.append_column(BBOX_TYPE_NAME, table[BBOX_TYPE_NAME])
     return InputTable(table=out, files=files, sha256=hash_files(files), uids_given=uids_given)

@@ -331,3 +331,20 @@ def test_select_datacomp_streams_the_same_uids_as_filter(source, pool, tmp_path)
     res = CliRunner().invoke(main, ["pool", "select-datacomp", "--recipe", other, "--pool", str(pool),
                                     "--out", str(tmp_path / "x.npy")])
     assert res.exit_code != 0 and "use `curate filter`" in res.output and "Traceback" not in res.output
+
+
+def test_face_boxes_are_read_and_checked_by_the_input_reader(tmp_path):
+    from curate.download_input import read_input
+
+    ok = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"url": ["http://h/1", "http://h/2"], "text": ["a", "b"],
+                             "face_bboxes": pa.array([[[0.1, 0.1, 0.2, 0.2]], None], pa.list_(pa.list_(pa.float32())))}),
+                   ok)
+    inp = read_input(ok)
+    assert inp.has_bboxes and inp.table["face_bboxes"].to_pylist()[1] is None
+    assert np.allclose(inp.table["face_bboxes"].to_pylist()[0], [[0.1, 0.1, 0.2, 0.2]])
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"url": ["http://h/1", "http://h/2"], "text": ["a", "b"],
+                             "face_bboxes": [[[0.1, 0.1, 0.2, 0.2]], [[0.1, 0.2, 0.3]]]}), bad)
+    with pytest.raises(CurateError, match=r"bad\.parquet: row 1 of column 'face_bboxes' has a box that is not"):
+        read_input(bad)

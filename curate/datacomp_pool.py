@@ -304,12 +304,13 @@ def import_datacomp(cfg: ImportConfig) -> dict[str, Any]:
     from curate.models import model_id
 
     src = cfg.metadata_dir
-    files = sorted(src.glob("*.parquet")) if src.is_dir() else []
+    # rglob: the xlarge pool comes as <scale>/<part>/*.parquet; the others are flat.
+    files = sorted(src.rglob("*.parquet"), key=lambda f: f.relative_to(src).parts) if src.is_dir() else []
     if not files:
         raise CurateError(f"{src}: no .parquet files (expected DataComp's metadata folder: <stem>.parquet + <stem>.npz)")
     out = cfg.out
     desc_path = out / DESCRIPTOR
-    fps = [[f.name, _fingerprint(f), _fingerprint(f.with_suffix(".npz")) if f.with_suffix(".npz").exists() else None]
+    fps = [[str(f.relative_to(src)), _fingerprint(f), _fingerprint(f.with_suffix(".npz")) if f.with_suffix(".npz").exists() else None]
            for f in files]
     if desc_path.exists() and not cfg.overwrite:
         old = read_descriptor(out)

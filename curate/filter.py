@@ -60,6 +60,10 @@ LEDGER_SCHEMA = pa.schema([
 ])
 # face_bboxes: DataComp pools' face boxes travel with the subset so `curate download` of it blurs them.
 SUBSET_BASE_COLUMNS = ("uid", "url", "text", "shard", "key", "face_bboxes")
+# DuckDB type prefixes accepted for the metadata columns filters read (DESIGN.md §2).
+_INT = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
+META_TYPES = {"uid": ("VARCHAR",), "url": ("VARCHAR",), "text": ("VARCHAR",), "status": ("VARCHAR",),
+              "key": ("VARCHAR",), "width": _INT, "height": _INT, "original_width": _INT, "original_height": _INT}
 # Bump when the meaning of cached step files or outputs changes, so old caches are not reused.
 FORMAT_VERSION = 1
 
@@ -201,10 +205,17 @@ class Runner:
         meta_sql = (datacomp_pool.meta_view_sql(pool) if self.datacomp
                     else f"SELECT * FROM read_parquet({_sql_str(self.meta_glob)})")
         _run(self.con, f"CREATE VIEW meta AS {meta_sql}")
-        self.meta_cols = [r[0] for r in _run(self.con, "DESCRIBE meta")]
+        described = _run(self.con, "DESCRIBE meta")
+        self.meta_cols = [r[0] for r in described]
         for need in ("uid", "status"):
             if need not in self.meta_cols:
                 raise CurateError(f"{pool / 'metadata'}: column {need!r} missing (DESIGN.md §2 schema)")
+        # Contract types (DESIGN.md §2), checked here so a bad file is a named error, not a crash inside a filter.
+        for name, typ in ((r[0], r[1]) for r in described):
+            family = META_TYPES.get(name)
+            if family and not any(typ.upper().startswith(t) for t in family):
+                raise CurateError(f"{pool / 'metadata'}: column {name!r} has type {typ}, expected "
+                                  f"{' or '.join(family)} (DESIGN.md §2 schema)")
         self.emb_views: dict[str, tuple[str, list[str]]] = {}
         self.executed: list[dict[str, Any]] = []  # per step, in execution order
         self.extra_columns: dict[str, str] = {}  # subset column -> step file holding it
@@ -237,6 +248,16 @@ class Runner:
         dest = self.step_file(key)
         cached = dest.exists()
         if not cached:
+            # A uid outside the contract would only fail when uids.npy is written, after subset.parquet.
+            bad = _run(self.con, "SELECT uid FROM meta WHERE uid IS NULL OR NOT regexp_full_match(uid, '[0-9a-f]{32}') "
+                                 "LIMIT 1")
+            if bad:
+                where = self.pool / "metadata"
+                if not self.datacomp:
+                    hit = _run(self.con, f"SELECT filename FROM read_parquet({_sql_str(self.meta_glob)}, filename=true) "
+                                         f"WHERE uid IS NOT DISTINCT FROM {_sql_str(bad[0][0]) if bad[0][0] is not None else 'NULL'} LIMIT 1")
+                    where = hit[0][0] if hit else where
+                raise CurateError(f"{where}: uid {bad[0][0]!r} is not 32 lowercase hex characters (DESIGN.md §2)")
             with atomic_path(dest, suffix=".parquet") as tmp:
                 _run(self.con,
                     f"""COPY (SELECT uid, status = 'success' AS kept, NULL::DOUBLE AS score, NULL::DOUBLE AS threshold,

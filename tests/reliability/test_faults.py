@@ -160,9 +160,9 @@ def test_metadata_missing_a_column_a_step_reads_is_a_curate_error_naming_it(tmp_
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="curate/filter.py does not check metadata column types: original_width as "
-                   "strings crashes filters/basic.py with pyarrow.ArrowTypeError and a traceback, not a CurateError")
 def test_metadata_with_a_wrong_column_type_is_a_curate_error_not_a_crash(tmp_path):
+    """Found by this suite: original_width as strings crashed filters/basic.py with pyarrow.ArrowTypeError;
+    curate/filter.py now checks the contract's column types up front."""
     t = write_metadata(tmp_path / "src", n_rows=50, seed=1)
     i = t.schema.get_field_index("original_width")
     pool = _one_file_pool(tmp_path, t.set_column(i, "original_width", pa.array([f"{w}px" for w in t["original_width"].to_pylist()])))

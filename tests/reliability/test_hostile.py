@@ -238,9 +238,9 @@ def test_reshard_refuses_non_hex_uids_in_pool_metadata_naming_them(tmp_path):
     assert not list((subset / "shards").glob("*.tar")) if (subset / "shards").exists() else True
 
 
-@pytest.mark.xfail(strict=True, reason="curate/filter.py validates uids only when writing uids.npy at the end: the "
-                   "error names the subset row, not the metadata file, and subset.parquet is already on disk")
 def test_filter_refuses_non_hex_uids_in_pool_metadata_before_writing_anything(tmp_path):
+    """Found by this suite: uids were validated only when uids.npy was written, after subset.parquet, and the
+    error named the subset row; curate/filter.py now checks them with the pool step, naming the file."""
     from curate.filter import FilterConfig, filter_pool
     from tests.metadata_factory import write_metadata
 

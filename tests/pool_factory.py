@@ -191,3 +191,19 @@ def make_pool(
         write_parquet(pool / "metadata" / f"{shard:08d}.parquet", table)
         fp.rows.extend(rows)
     return fp
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid, complete 1-bit PNG declaring side x side pixels: a few hundred KB on disk, side**2 * 3 bytes
+    once decoded to RGB. Used to check that every decoder refuses it by its header before allocating."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + (side + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

@@ -8,12 +8,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tarfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from curate.download_input import InputColumns, read_input
 from curate.errors import CurateError
 from curate.pool_verify import verify_pool
 from curate.uids import make_uid
+from tests.pool_factory import bomb_png
 
 REPO = Path(__file__).resolve().parent.parent
 N_IMAGES = 12
@@ -39,18 +38,6 @@ def _png(seed: int, w: int = 48, h: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def _bomb_png(side: int = 30000) -> bytes:
-    """A valid 1-bit PNG declaring side x side pixels (~0.1 MB on disk, ~900 MB once decoded by cv2)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" * (1 + (side + 7) // 8)
-    z = zlib.compressobj(6)
-    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
 def make_www(root: Path) -> None:
     www = root / "www"
     www.mkdir(parents=True, exist_ok=True)
@@ -60,7 +47,7 @@ def make_www(root: Path) -> None:
     (www / "truncated.png").write_bytes(good[: len(good) // 2])
     (www / "notimage.jpg").write_bytes(b"<html>this is not an image</html>\n" * 10)
     (www / "big.png").write_bytes(_png(7, 400, 400))  # ~480 KB, above the test's byte cap
-    (www / "bomb.png").write_bytes(_bomb_png())
+    (www / "bomb.png").write_bytes(bomb_png(30000))
 
 
 def free_port() -> int:

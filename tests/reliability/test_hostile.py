@@ -11,7 +11,6 @@ image inside a pool shard given to embed, non-hex uids in pool metadata, and YAM
 from __future__ import annotations
 
 import io
-import json
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from PIL import Image
 
 from curate.download_input import url_problem
 from curate.errors import CurateError
-from tests.pool_factory import make_pool
+from tests.pool_factory import bomb_png, make_pool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,21 +174,6 @@ def test_reshard_never_writes_outside_its_folder_from_hostile_member_names(tmp_p
     assert {n.split(".")[0].split("-")[0] for n in names} == set(U.decode(U.load(subset / "uids.npy")))
 
 
-def _bomb_png(side: int = 20000) -> bytes:
-    """A valid 1-bit PNG that declares side x side pixels (a few KB on disk, 400 MB decoded as RGB x3)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row = b"\x00" * (1 + (side + 7) // 8)
-    z = zlib.compressobj(9)
-    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
 def test_embed_records_a_bomb_image_in_a_shard_and_embeds_the_rest(tmp_path):
     """A pool shard whose image is a decompression bomb: a per-row error, not a crash or 1 GB of RAM."""
     import torch
@@ -202,7 +186,7 @@ def test_embed_records_a_bomb_image_in_a_shard_and_embeds_the_rest(tmp_path):
     tar = fp.pool / "shards" / "00000000.tar"
     with tarfile.open(tar) as tf:
         members = [(m.name, tf.extractfile(m).read()) for m in tf]
-    bomb = _bomb_png()
+    bomb = bomb_png(20000)
     key = next(r["key"] for r in fp.rows if r["uid"] == victim)
     with tarfile.open(tar, "w") as tw:
         for name, data in members:

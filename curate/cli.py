@@ -36,7 +36,7 @@ POOL_COMMANDS: dict[str, tuple[str, str]] = {
     "build-offline": ("curate.offline.build:build_offline_cmd", "Build a real, noisy image-text pool from offline sources (openclipart, Tux Paint, Twemoji)."),
     "serve": ("curate.serve:serve_cmd", "Serve a pool's www/ folder over loopback HTTP (the offline stand-in for the web)."),
     "import-datacomp": ("curate.datacomp_pool:import_datacomp_cmd", "Use DataComp's released metadata (parquet + npz embeddings) as a POOL, read in place."),
-    "select-datacomp": ("curate.datacomp_pool:select_datacomp_cmd", "uids.npy of a CLIP-score recipe on a DataComp POOL, streamed (fast, low memory, no ledger)."),
+    "select-datacomp": ("curate.datacomp_select:select_datacomp_cmd", "uids.npy of a CLIP-score recipe on a DataComp POOL, streamed (fast, low memory, no ledger)."),
 }
 
 EVALSETS_COMMANDS: dict[str, tuple[str, str]] = {

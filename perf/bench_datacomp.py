@@ -8,7 +8,7 @@ small pool; tests/datacomp_factory.py), imported in place with `curate pool impo
   a full descending sort's element at ``int(N * 0.3)``; then the pool reads (uid, score) per file,
   keeps ``score >= threshold`` and parses each kept uid in Python (``int(uid[:16], 16)``), the
   concatenated array is sorted and saved.
-- select: `curate pool select-datacomp` (curate.datacomp_pool.select_uids) with
+- select: `curate pool select-datacomp` (curate.datacomp_select.select_uids) with
   ``recipes/clip_l14_30pct.yaml`` plus ``datacomp_ties: true`` (DataComp's own tie rule, so the
   outputs can be compared byte for byte): read -> threshold -> uids.npy, streamed.
 - filter: `curate.filter.filter_pool` with the same recipe, no report. It writes everything `curate
@@ -105,7 +105,7 @@ def _recipe(out: Path, fraction: float) -> Path:
 
 
 def select(pool: Path, out: Path, fraction: float) -> None:
-    from curate.datacomp_pool import SelectConfig, select_uids
+    from curate.datacomp_select import SelectConfig, select_uids
 
     s = select_uids(SelectConfig(recipe=str(_recipe(out, fraction)), pool=str(pool), out=str(out / "uids.npy")))
     print(json.dumps({"kept": s["kept"], "threshold": s["threshold"]}), file=sys.stderr)

@@ -307,7 +307,7 @@ def test_no_blur_faces_keeps_images_untouched(served, tmp_path):
 
 
 def test_select_datacomp_streams_the_same_uids_as_filter(source, pool, tmp_path):
-    from curate.datacomp_pool import encode_uid_array
+    from curate.datacomp_select import encode_uid_array
 
     rows = _all_rows(source)
     assert np.array_equal(encode_uid_array(rows["uid"]), np.array(

@@ -98,6 +98,8 @@ class ResampledBatches:
         import torch
         from torch.utils.data import get_worker_info
 
+        from curate.loader_workers import share_tensors
+
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         seed = stream_seed(self.cfg.seed, self.cfg.segment, self.cfg.rank, wid)
@@ -113,7 +115,8 @@ class ResampledBatches:
             imgs.append(img)
             txts.append(txt)
             if len(imgs) == bs:
-                yield torch.stack(imgs), self.tokenizer(txts)
+                batch = torch.stack(imgs), self.tokenizer(txts)
+                yield share_tensors(batch) if info is not None else batch  # see curate/loader_workers.py
                 imgs, txts = [], []
                 produced += 1
                 if produced == mine:

@@ -190,8 +190,10 @@ class _Prepare:
 def _collate(batch):
     import torch
 
+    from curate.loader_workers import in_worker, share_tensors
+
     tensors, ok, keys, labels, captions, metas, errors = zip(*batch)
-    return {
+    out = {
         "images": torch.stack(tensors),
         "ok": torch.tensor(ok, dtype=torch.bool),
         "keys": list(keys),
@@ -200,6 +202,7 @@ def _collate(batch):
         "meta": list(metas),
         "errors": list(errors),
     }
+    return share_tensors(out) if in_worker() else out  # see curate/loader_workers.py
 
 
 def transform_output_size(transform) -> tuple[int, int, int]:

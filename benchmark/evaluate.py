@@ -32,7 +32,7 @@ from benchmark.tasks import (
     CLASSIFICATION, DATACOMP_SCORED, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task,
     resolve_tasks,
 )
-from curate.atomic import write_json, write_text
+from curate.atomic import cleanup_temp_siblings, write_json, write_text
 from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     progress = cfg.progress if cfg.progress is not None else os.isatty(2)
     mid = make_model_id(arch, ckpt)
 
+    for f in (out, out.with_name(SUMMARY_FILE)):
+        cleanup_temp_siblings(f)  # what a killed run was writing; its finished tasks are in `out`
     try:
         existing = read_results(out)
     except CurateError:

@@ -301,6 +301,10 @@ def submit(cfg: SubmitConfig) -> dict:
         raise CurateError(f"{run / 'info.json'}: no 'scale' field")
     out = Path(cfg.out) if cfg.out else run / "submission"
     out.mkdir(parents=True, exist_ok=True)
+    # a killed submit's temp files: bundle.json (written last) marks a finished bundle, and every
+    # file is rewritten unless all hashes match, so a partial bundle is always redone
+    atomic.cleanup_temp_files(out)
+    atomic.cleanup_temp_siblings(out.with_name(out.name + ".tar.gz"))
 
     files: dict[str, bytes] = {}
     files["results.jsonl"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in results).encode()

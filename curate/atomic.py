@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,6 +82,20 @@ def cleanup_temp_files(folder: str | os.PathLike) -> int:
     """Remove temporary files a killed run left in `folder` (recursively); return how many."""
     n = 0
     for p in Path(folder).rglob(TEMP_PREFIX + "*"):
+        if p.is_file():
+            p.unlink()
+            n += 1
+    return n
+
+
+def cleanup_temp_siblings(dest: str | os.PathLike) -> int:
+    """Remove the temporary files a killed writer of `dest` left beside it; return how many.
+
+    For stages whose output shares a folder with other stages' files (a RUN folder holds the
+    trainer's checkpoints and the evaluator's results), so only this output's temps are touched."""
+    dest = Path(dest)
+    n = 0
+    for p in dest.parent.glob(TEMP_PREFIX + glob_escape(dest.name) + ".*"):
         if p.is_file():
             p.unlink()
             n += 1

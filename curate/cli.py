@@ -13,6 +13,7 @@ import logging
 import click
 
 from curate import __version__
+from curate.errors import environment_error
 
 # name -> ("module:attribute", one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,6 +62,19 @@ class LazyGroup(click.Group):
             module, attr = target.split(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        # A full disk, an unwritable folder or a dead worker is the machine's failure, not a bug:
+        # say so in one message (exit 2) instead of a traceback from deep inside a stage.
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as e:  # re-raised unchanged unless it is one of those
+            err = environment_error(e)
+            if err is None:
+                raise
+            raise err from e
 
     def format_commands(self, ctx, formatter):
         rows = []

@@ -260,7 +260,11 @@ def _iterable_dataset(batches: ShardBatches):
 
     class _DS(torch.utils.data.IterableDataset):
         def __iter__(self):
-            return iter(batches)
+            from curate.loader_workers import in_worker, share_tensors
+
+            worker = in_worker()
+            for b in batches:
+                yield share_tensors(b) if worker else b  # an error here reaches the main process
 
     return _DS()
 

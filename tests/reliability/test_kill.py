@@ -3,8 +3,8 @@
 Stages whose own tests already kill a real process are not repeated here: download
 (tests/test_download.py), embed (tests/test_embed.py), train (tests/test_train.py). The filter's and
 reshard's own tests only *simulate* a kill (files deleted by hand); here a real `curate filter` /
-`curate reshard` process is killed with SIGKILL while it works. Evaluate's own test covers a results
-file missing a task; submit finishes in well under a second (nothing to kill part-way).
+`curate reshard` / `curate evaluate` / `curate submit` process is killed with SIGKILL while it works
+(submit's writes are slowed down by an injected sitecustomize so a kill can land between any two files).
 """
 
 from __future__ import annotations
@@ -183,3 +183,159 @@ def test_reshard_killed_at_random_shards_resumes_to_identical_tars(reshard_input
     ref_meta = json.loads((ref / "shards" / "meta.json").read_text())
     assert {k: meta[k] for k in ("n_written", "n_error_rows", "n_missing_rows")} == \
         {k: ref_meta[k] for k in ("n_written", "n_error_rows", "n_missing_rows")}
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory) -> dict:
+    """A RUN with a random curate-debug checkpoint and the offline suite built from small generated
+    pool splits plus real digits (5 tasks, each a few seconds on CPU)."""
+    import json
+    import shutil
+
+    import torch
+
+    from benchmark import evalsets as E
+    from curate.models import load_model, save_checkpoint
+    from tests.test_evalsets import make_pool_evalsets
+
+    root = tmp_path_factory.mktemp("kill_eval")
+    run = root / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint(load_model("curate-debug", None, "cpu").model, run / "final.pt")
+    (run / "info.json").write_text(json.dumps({"model": "curate-debug", "final_checkpoint": "final.pt",
+                                               "status": "done"}))
+    ev = root / "evalsets"
+    E.build_offline(E.BuildOfflineConfig(out=ev, pool_dir=make_pool_evalsets(root / "pool", n_per_class=6),
+                                         limit=400))
+    return {"run": run, "evalsets": ev, "shutil": shutil}
+
+
+def _eval_cmd(run: Path, ev: Path) -> list[str]:
+    return _cli("evaluate", "--run", str(run), "--evalsets", str(ev), "--workers", "0", "--batch-size", "16",
+                "--device", "cpu")
+
+
+def _eval_records(run: Path) -> dict:
+    """Results by task without the wall time each took (the only field that may differ)."""
+    import json
+
+    recs = [json.loads(line) for line in (run / "eval_results.jsonl").read_text().splitlines() if line]
+    return {r["key"]: {k: v for k, v in r.items() if k != "seconds"} for r in recs}
+
+
+def test_evaluate_killed_after_random_tasks_resumes_to_the_same_results(eval_world, tmp_path):
+    import json
+
+    shutil = eval_world["shutil"]
+    ref_run, run = tmp_path / "ref", tmp_path / "killed"
+    shutil.copytree(eval_world["run"], ref_run)
+    shutil.copytree(eval_world["run"], run)
+    t_ref = _run_to_end(_eval_cmd(ref_run, eval_world["evalsets"]))
+    ref = _eval_records(ref_run)
+    assert len(ref) == 5
+    rng = random.Random(SEED)
+    results = run / "eval_results.jsonl"
+
+    def tasks_done() -> int:
+        try:
+            return sum(1 for line in results.read_text().splitlines() if line)
+        except FileNotFoundError:
+            return 0
+
+    kills = []
+    k = rng.randrange(1, len(ref))  # after a seeded number of finished tasks ...
+    kills.append(_kill_when(_eval_cmd(run, eval_world["evalsets"]), lambda: tasks_done() >= k))
+    assert kills[0] and tasks_done() >= k and not (run / "eval_summary.json").exists()
+    at = time.monotonic() + rng.uniform(0.3, 0.9) * t_ref  # ... and at a seeded moment of a resumed run
+    kills.append(_kill_when(_eval_cmd(run, eval_world["evalsets"]), lambda: time.monotonic() >= at))
+    partial = _eval_records(run)
+    assert all(partial[key] == ref[key] for key in partial)  # what a killed run kept is already final
+    _run_to_end(_eval_cmd(run, eval_world["evalsets"]))
+    assert _eval_records(run) == ref
+    summary = json.loads((run / "eval_summary.json").read_text())
+    assert summary["aggregates"] == json.loads((ref_run / "eval_summary.json").read_text())["aggregates"]
+    assert len(summary["reused"]) >= k  # finished tasks were not recomputed
+    assert not temp_files(run)
+
+
+# ---------------------------------------------------------------- submit
+
+SLOW_WRITES = """
+# sitecustomize for the submit kill test: every atomic write pauses 0.15 s with its temp file complete
+# but not yet renamed, so a SIGKILL can land between any two of the bundle's files, or leave a temp file
+# (a real submit writes them all in milliseconds).
+import contextlib, os, time
+if os.environ.get("CURATE_SLOW_WRITES"):
+    import curate.atomic as a
+    _atomic_path = a.atomic_path
+    @contextlib.contextmanager
+    def slow_atomic_path(dest, suffix=""):
+        with _atomic_path(dest, suffix) as tmp:
+            yield tmp
+            time.sleep(0.15)
+    a.atomic_path = slow_atomic_path
+"""
+
+
+def _bundle(run: Path) -> dict[str, bytes]:
+    """The bundle's files; bundle.json without its creation time."""
+    import json
+
+    out = {p.name: p.read_bytes() for p in sorted((run / "submission").iterdir())}
+    decl = json.loads(out.pop("bundle.json"))
+    decl.pop("created_at")
+    out["bundle.json"] = json.dumps(decl, sort_keys=True).encode()
+    return out
+
+
+def test_submit_killed_between_any_two_files_resumes_to_the_same_bundle(tmp_path):
+    from tests.pool_factory import make_pool
+    from tests.run_factory import make_run, make_subset
+
+    fp = make_pool(tmp_path / "pool", n_shards=1, per_shard=12)
+    subset = make_subset(tmp_path / "subset", fp.success_uids())
+    ref_run, run = make_run(tmp_path / "ref", subset, seed=1), make_run(tmp_path / "killed", subset, seed=1)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_WRITES)
+    slow = {"CURATE_SLOW_WRITES": "1", "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+    _run_to_end(_cli("submit", str(ref_run)))
+    ref = _bundle(ref_run)
+    bundle = run / "submission"
+    n_files = len(ref)
+    rng = random.Random(SEED)
+    # kill once k files of the bundle exist (k seeded), and once the tarball's temp file exists
+    points = [*sorted(rng.sample(range(1, n_files + 1), 3)), "tarball"]
+    for k in points:
+        def ready(k=k) -> bool:
+            if k == "tarball":
+                return any(run.glob(".tmp-submission.tar.gz.*"))
+            return bundle.is_dir() and sum(1 for p in bundle.iterdir() if not p.name.startswith(".tmp-")) >= k
+
+        proc_env = {**_env(), **slow}
+        p = subprocess.Popen(_cli("submit", str(run)), cwd=REPO, env=proc_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not ready() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert p.poll() is None, f"submit finished before {k} files existed"
+            os.killpg(p.pid, signal.SIGKILL)
+        finally:
+            p.wait(30)
+        left_behind = bool(temp_files(run))
+        # never presented as complete: a bundle whose bundle.json exists verifies, any other is partial
+        if (bundle / "bundle.json").exists():
+            assert {f: (bundle / f).read_bytes() for f in ref if f != "bundle.json"} == \
+                {f: v for f, v in ref.items() if f != "bundle.json"}
+    assert left_behind  # the tarball kill lands while its temp file exists: the rerun must remove it
+    _run_to_end(_cli("submit", str(run)))
+    assert _bundle(run) == ref
+    assert (run / "submission.tar.gz").is_file() and not temp_files(run)
+    p = subprocess.run(_cli("verify", str(run / "submission.tar.gz"), "--pool", str(fp.pool)), cwd=REPO, env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -57,7 +57,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from curate import __version__  # noqa: E402
-from curate.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet  # noqa: E402
+from curate.atomic import TEMP_PREFIX, atomic_path, cleanup_temp_files, write_json, write_parquet  # noqa: E402
 from curate.download_input import InputColumns, InputTable, read_input  # noqa: E402
 from curate.errors import CurateError  # noqa: E402
 
@@ -525,7 +525,9 @@ def _prepare_pool(cfg: DownloadConfig, inp: InputTable) -> dict | None:
                 p.unlink()
         return None
     if not pool_json.exists():
-        if any(p.exists() for p in ours[:2]):
+        # empty folders are what a run that failed before its first pool.json write (a full disk) left
+        if any(p.is_dir() and any(f.is_file() and not f.name.startswith(TEMP_PREFIX) for f in p.rglob("*"))
+               for p in ours[:2]):
             raise CurateError(f"{out}: has shards/ or metadata/ but no pool.json, so it is not a pool this command "
                               "can resume; use --overwrite to replace them or choose another --out")
         return None

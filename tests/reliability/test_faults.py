@@ -243,11 +243,25 @@ def stage_inputs(tmp_path_factory) -> dict:
             "bundle_subset": sub_for_bundle, "json": json, "make_run": make_run}
 
 
-def _stage_case(stage: str, inp: dict, tmp: Path) -> tuple[list[str], callable]:
+def _stage_case(stage: str, inp: dict, tmp: Path, serve_dir=None) -> tuple[list[str], callable]:
     """(command, done?) for one stage writing into `tmp`; done() says whether its completion marker exists."""
+    import json
     import shutil
 
     cli = [sys.executable, "-m", "curate.cli"]
+    if stage == "download":
+        from tests.test_download import N_IMAGES, make_www
+
+        make_www(tmp)
+        base = serve_dir(tmp)
+        urls = tmp / "urls.jsonl"
+        urls.write_text("".join(json.dumps({"url": f"{base}/img{i % N_IMAGES}.png", "text": f"c {i}"}) + "\n"
+                                for i in range(24)))
+        pool = tmp / "pool"
+        return (cli + ["download", "--urls", str(urls), "--out", str(pool), "--shard-size", "4", "--distributor",
+                       "multiprocessing", "--processes", "1", "--threads", "2", "--image-size", "32"],
+                lambda: (pool / "pool.json").exists() and json.loads((pool / "pool.json").read_text())["state"]
+                == "complete")
     if stage == "embed":
         pool = tmp / "pool"
         shutil.copytree(inp["pool"], pool)
@@ -272,13 +286,15 @@ def _stage_case(stage: str, inp: dict, tmp: Path) -> tuple[list[str], callable]:
     raise AssertionError(stage)
 
 
-@pytest.mark.parametrize("stage", ["embed", "train", "evaluate", "submit"])
-def test_a_full_disk_is_one_clear_error_and_a_rerun_finishes(stage, stage_inputs, tmp_path):
+@pytest.mark.parametrize("stage,limit", [("download", 300), ("download", 20_000), ("embed", 300), ("train", 300),
+                                         ("evaluate", 300), ("submit", 300)])
+def test_a_full_disk_is_one_clear_error_and_a_rerun_finishes(stage, limit, stage_inputs, tmp_path, serve_dir):
     """Filter and reshard are above; here the other stages. The write that fails differs per stage
-    (a parquet shard, log.jsonl or a checkpoint, the results file, a bundle file): each must end in exit 2
-    with one message naming the cause and saying a rerun resumes, no traceback, no completion marker."""
-    cmd, done = _stage_case(stage, stage_inputs, tmp_path)
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, preexec_fn=_disk_full(300),
+    (pool.json or an img2dataset shard in a worker process, a parquet shard, log.jsonl or a checkpoint, the
+    results file, a bundle file): each must end in exit 2 with one message naming the cause and saying a
+    rerun resumes, no traceback, no completion marker; and the rerun must indeed finish."""
+    cmd, done = _stage_case(stage, stage_inputs, tmp_path, serve_dir)
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, preexec_fn=_disk_full(limit),
                        timeout=600)
     assert p.returncode == 2, p.stderr[-3000:]
     assert "File too large" in p.stderr and "rerun the same command" in p.stderr, p.stderr[-3000:]

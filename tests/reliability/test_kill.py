@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from tests.reliability.helpers import sorted_table, temp_files
@@ -105,23 +103,35 @@ def _filter_outputs(out: Path) -> dict:
 
 def test_filter_killed_at_random_points_resumes_to_the_same_outputs(filter_pool_dir, tmp_path):
     ref_out = tmp_path / "ref"
-    t_ref = _run_to_end(_filter_cmd(filter_pool_dir, ref_out))
+    _run_to_end(_filter_cmd(filter_pool_dir, ref_out))
     ref = _filter_outputs(ref_out)
     assert 0 < ref["subset"].num_rows < 40_000
+    n_steps = len(list((ref_out / ".cache" / "steps").glob("*.parquet")))
+    assert n_steps >= 3
     rng = random.Random(SEED)
     out = tmp_path / "killed"
+    steps = out / ".cache" / "steps"
+    # Kill points are progress events, not times (a time fraction of a reference run is meaningless when the
+    # machine's load changes between runs): k cached step files exist, or subset.parquet does. Three of them,
+    # in increasing order, the first always the earliest so the first run is killed while it works.
+    events: list = [*range(1, n_steps + 1), "subset"]
+    points = [1, *sorted(rng.sample(events[1:], 2), key=events.index)]
     kills = []
-    for _ in range(3):  # three kills of the same output folder, each at a seeded fraction of the full run time
-        at = time.monotonic() + rng.uniform(0.2, 0.8) * t_ref
-        kills.append(_kill_when(_filter_cmd(filter_pool_dir, out), lambda: time.monotonic() >= at))
+    for k in points:
+        def ready(k=k) -> bool:
+            if k == "subset":
+                return (out / "subset.parquet").exists()
+            return steps.is_dir() and len(list(steps.glob("*.parquet"))) >= k
+
+        kills.append(_kill_when(_filter_cmd(filter_pool_dir, out), ready))
         if kills[-1] and (out / "manifest.json").exists():
             # The kill can land after the run wrote its completion marker (manifest.json is written last)
             # and before the process exited: then every output must already be complete and correct.
             done = _filter_outputs(out)
             assert done["uids"] == ref["uids"] and done["subset"].equals(ref["subset"])
             assert done["decisions"].equals(ref["decisions"])
-    # the first run starts from nothing, so it is always killed; later ones resume from the step cache and
-    # may finish before their kill point (then the rerun below is a no-op check as well)
+    # the first run starts from nothing and is killed at its first step file; later ones resume from the step
+    # cache and may finish before their kill point (then the rerun below is a no-op check as well)
     assert kills[0], "the first run finished before its kill point: nothing was tested"
     _run_to_end(_filter_cmd(filter_pool_dir, out))
     got = _filter_outputs(out)

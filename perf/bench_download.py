@@ -151,7 +151,6 @@ def main() -> None:
         urls = a.pool / "urls.parquet"
         built_for = json.loads((a.pool / "pool_build.json").read_text())["base_url"].rstrip("/")
         if built_for != base_url:  # a pool built for another port: same rows, URLs pointed at our server
-            import pyarrow as pa
             import pyarrow.compute as pc
 
             t = pq.read_table(urls)

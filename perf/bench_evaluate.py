@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from benchmark import evalsets as E  # noqa: E402
 from benchmark.evaluate import EvalConfig, evaluate  # noqa: E402
-from benchmark.tasks import OFFLINE_KEYS, TASKS  # noqa: E402
+from benchmark.tasks import TASKS  # noqa: E402
 from curate.models import load_model  # noqa: E402
 
 

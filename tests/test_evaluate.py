@@ -17,7 +17,6 @@ from PIL import Image
 from benchmark import evalsets as E
 from benchmark.evaluate import EvalConfig, evaluate, read_results
 from benchmark.tasks import DATACOMP_SCORED, OFFLINE_KEYS, TASKS
-from curate.errors import CurateError
 from tests.test_evalsets import make_pool_evalsets
 
 ARCH = "curate-debug"

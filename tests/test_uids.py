@@ -63,7 +63,6 @@ def test_load_rejects_wrong_dtype_and_unsorted(tmp_path):
 
 
 def test_atomic_outputs_have_ordinary_permissions(tmp_path):
-    import os
     import stat
 
     from curate import atomic

@@ -66,13 +66,16 @@ class LazyGroup(click.Group):
     def invoke(self, ctx):
         # A full disk, an unwritable folder or a dead worker is the machine's failure, not a bug:
         # say so in one message (exit 2) instead of a traceback from deep inside a stage.
+        # A CurateError is checked too: a dead DataLoader worker is reported by a SIGCHLD handler that
+        # raises wherever the main process happens to be, possibly inside a block that turns errors
+        # into a CurateError about its own input; the chain still holds the real cause.
         try:
             return super().invoke(ctx)
-        except click.ClickException:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.UsageError):
             raise
         except Exception as e:  # re-raised unchanged unless it is one of those
             err = environment_error(e)
-            if err is None:
+            if err is None or err is e:
                 raise
             raise err from e
 

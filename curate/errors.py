@@ -36,13 +36,20 @@ RESUME = ("Finished work is kept and nothing partial is marked complete: fix thi
           "to resume.")
 
 
+class MachineFailure(CurateError):
+    """A full disk, an unwritable output, a dead worker or exhausted memory, reported by `environment_error`."""
+
+
 def environment_error(exc: BaseException) -> CurateError | None:
-    """A CurateError for a full disk, an unwritable output, a dead worker process or exhausted
-    memory found anywhere in `exc`'s chain; None for anything else (a bug keeps its traceback)."""
+    """A MachineFailure for a full disk, an unwritable output, a dead worker process or exhausted
+    memory found anywhere in `exc`'s chain (`exc` itself when it already is one); None for anything
+    else (a user error keeps its message, a bug its traceback)."""
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 10:
         seen += 1
+        if isinstance(e, MachineFailure):
+            return e
         text = _last_line(str(e))
         for table in (_FULL, _DENIED):
             for code, what in table.items():
@@ -50,13 +57,13 @@ def environment_error(exc: BaseException) -> CurateError | None:
                     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
                     if "/torch_" in text:  # a loader worker's shared-memory tensor
                         where = " (shared memory of the loader workers: see `df -h /dev/shm`, or use fewer workers)"
-                    return CurateError(f"{what}{where}: {text}\n{RESUME}")
+                    return MachineFailure(f"{what}{where}: {text}\n{RESUME}")
         name = type(e).__name__
         if name == "BrokenProcessPool" or "DataLoader worker" in text and ("killed" in text or "exited" in text):
-            return CurateError(f"a worker process died ({text or name}); the usual causes are the out-of-memory "
+            return MachineFailure(f"a worker process died ({text or name}); the usual causes are the out-of-memory "
                                f"killer or a crash in a native library (see `dmesg`). {RESUME}")
         if isinstance(e, MemoryError):
-            return CurateError(f"out of memory ({text or 'MemoryError'}): lower --workers or the batch size. {RESUME}")
+            return MachineFailure(f"out of memory ({text or 'MemoryError'}): lower --workers or the batch size. {RESUME}")
         e = e.__cause__ or e.__context__
     return None
 

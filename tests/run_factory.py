@@ -59,3 +59,37 @@ def make_run(dir: Path, subset: Path, seed: int = 0, scores: dict[str, float | N
         "versions": {"torch": "2.14.1"},
     })
     return dir
+
+
+def random_checkpoint(path: Path, seed: int = 0, arch: str = "curate-debug") -> Path:
+    """A randomly initialised open_clip checkpoint of `arch` (seeded), saved as curate saves weights."""
+    import torch
+
+    from curate.models import load_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    save_checkpoint(load_model(arch, None, "cpu").model, path)
+    return path
+
+
+def checkpoint_run(dir: Path, ckpt: Path, arch: str = "curate-debug") -> Path:
+    """A RUN folder holding `ckpt` as final.pt and the info.json fields `curate evaluate` reads."""
+    import shutil
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ckpt, dir / "final.pt")
+    (dir / "info.json").write_text(json.dumps({"model": arch, "final_checkpoint": "final.pt", "status": "done"}))
+    return dir
+
+
+def resharded_subset(root: Path, n_shards: int = 2, per_shard: int = 26) -> tuple[Path, Path]:
+    """A pool from tests/pool_factory (one corrupt and one failed row per shard) and a SUBSET of all its
+    successful uids, resharded into shards of 16: (pool, subset)."""
+    from curate.reshard import ReshardConfig, reshard
+    from tests.pool_factory import make_pool
+
+    fp = make_pool(Path(root) / "pool", n_shards=n_shards, per_shard=per_shard, corrupt=1, failed=1)
+    uidlib.save(Path(root) / "subset" / "uids.npy", fp.success_uids())
+    reshard(ReshardConfig(subset=Path(root) / "subset", pool=fp.pool, shard_size=16, workers=1, progress=False))
+    return fp.pool, Path(root) / "subset"

@@ -29,13 +29,9 @@ ARCH = "curate-tiny"
 
 
 def _save_random_checkpoint(path: Path, seed: int) -> Path:
-    import torch
+    from tests.run_factory import random_checkpoint
 
-    from curate.models import load_model, save_checkpoint
-
-    torch.manual_seed(seed)
-    save_checkpoint(load_model(ARCH, None, "cpu").model, path)
-    return path
+    return random_checkpoint(path, seed, ARCH)
 
 
 @pytest.fixture(scope="module")

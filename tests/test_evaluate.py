@@ -17,6 +17,7 @@ from PIL import Image
 from benchmark import evalsets as E
 from benchmark.evaluate import EvalConfig, evaluate, read_results
 from benchmark.tasks import DATACOMP_SCORED, OFFLINE_KEYS, TASKS
+from tests.run_factory import checkpoint_run, random_checkpoint
 from tests.test_evalsets import make_pool_evalsets
 
 ARCH = "curate-debug"
@@ -29,13 +30,7 @@ def _png(rgb, size=(20, 20)) -> bytes:
 
 
 def _save_random_model(path: Path, seed: int) -> Path:
-    import torch
-
-    from curate.models import load_model, save_checkpoint
-
-    torch.manual_seed(seed)
-    save_checkpoint(load_model(ARCH, None, "cpu").model, path)
-    return path
+    return random_checkpoint(path, seed, ARCH)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +40,7 @@ def world(tmp_path_factory):
     WILDS task with region metadata, and a set with a corrupt image."""
     root = tmp_path_factory.mktemp("eval")
     ckpt = _save_random_model(root / "model.pt", seed=0)
-    run = root / "run"
-    run.mkdir()
-    shutil.copy(ckpt, run / "final.pt")
-    (run / "info.json").write_text(json.dumps({"model": ARCH, "final_checkpoint": "final.pt", "status": "done"}))
+    run = checkpoint_run(root / "run", ckpt, ARCH)
 
     ev = root / "evalsets"
     pool = make_pool_evalsets(root / "pool", n_per_class=6)

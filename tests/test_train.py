@@ -15,10 +15,7 @@ from click.testing import CliRunner
 
 from benchmark.scales import SCALES, get_scale, override, parse_overrides
 from benchmark.train import TrainConfig, train, train_cmd
-from curate import uids as uidlib
 from curate.errors import CurateError
-from curate.reshard import ReshardConfig, reshard
-from tests.pool_factory import make_pool
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -27,11 +24,9 @@ PY = sys.executable
 @pytest.fixture(scope="module")
 def subset(tmp_path_factory) -> Path:
     """A resharded subset of 48 samples (2 corrupt images among them): far fewer than `debug` sees."""
-    root = tmp_path_factory.mktemp("train")
-    fp = make_pool(root / "pool", n_shards=2, per_shard=26, corrupt=1, failed=1)
-    uidlib.save(root / "subset" / "uids.npy", fp.success_uids())
-    reshard(ReshardConfig(subset=root / "subset", pool=fp.pool, shard_size=16, workers=1, progress=False))
-    return root / "subset"
+    from tests.run_factory import resharded_subset
+
+    return resharded_subset(tmp_path_factory.mktemp("train"), n_shards=2, per_shard=26)[1]
 
 
 @pytest.fixture(scope="module")

@@ -218,29 +218,18 @@ def test_an_empty_pool_is_a_clear_error_or_an_empty_complete_subset(tmp_path):
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory) -> dict:
     """A small pool (2 shards), its resharded subset, a debug checkpoint in a RUN, the offline eval suite."""
-    import json
-
-    import torch
-
     from benchmark import evalsets as E
     from curate import uids as uidlib
-    from curate.models import load_model, save_checkpoint
-    from curate.reshard import ReshardConfig, reshard
-    from tests.pool_factory import make_pool
-    from tests.run_factory import make_run, make_subset
+    from tests.run_factory import make_run, make_subset, random_checkpoint, resharded_subset
     from tests.test_evalsets import make_pool_evalsets
 
     root = tmp_path_factory.mktemp("full_disk")
-    fp = make_pool(root / "pool", n_shards=2, per_shard=16, corrupt=1, failed=1)
-    uidlib.save(root / "subset" / "uids.npy", fp.success_uids())
-    reshard(ReshardConfig(subset=root / "subset", pool=fp.pool, shard_size=16, workers=1, progress=False))
-    torch.manual_seed(0)
-    ckpt = root / "debug.pt"
-    save_checkpoint(load_model("curate-debug", None, "cpu").model, ckpt)
+    pool, subset = resharded_subset(root, n_shards=2, per_shard=16)
+    ckpt = random_checkpoint(root / "debug.pt")
     E.build_offline(E.BuildOfflineConfig(out=root / "evalsets", pool_dir=make_pool_evalsets(root / "evp"), limit=60))
-    sub_for_bundle = make_subset(root / "bundle_subset", fp.success_uids())
-    return {"root": root, "pool": fp.pool, "subset": root / "subset", "ckpt": ckpt, "evalsets": root / "evalsets",
-            "bundle_subset": sub_for_bundle, "json": json, "make_run": make_run}
+    uids = uidlib.decode(uidlib.load(subset / "uids.npy"))
+    return {"root": root, "pool": pool, "subset": subset, "ckpt": ckpt, "evalsets": root / "evalsets",
+            "bundle_subset": make_subset(root / "bundle_subset", uids), "make_run": make_run}
 
 
 def _stage_case(stage: str, inp: dict, tmp: Path, serve_dir=None) -> tuple[list[str], callable]:
@@ -273,11 +262,9 @@ def _stage_case(stage: str, inp: dict, tmp: Path, serve_dir=None) -> tuple[list[
         return (cli + ["train", "--data", str(inp["subset"]), "--scale", "debug", "--out", str(run), "--workers", "1"],
                 lambda: (run / "final.pt").exists())
     if stage == "evaluate":
-        run = tmp / "run"
-        run.mkdir()
-        shutil.copy(inp["ckpt"], run / "final.pt")
-        (run / "info.json").write_text(inp["json"].dumps({"model": "curate-debug", "final_checkpoint": "final.pt",
-                                                            "status": "done"}))
+        from tests.run_factory import checkpoint_run
+
+        run = checkpoint_run(tmp / "run", inp["ckpt"])
         return (cli + ["evaluate", "--run", str(run), "--evalsets", str(inp["evalsets"]), "--workers", "1"],
                 lambda: (run / "eval_summary.json").exists())
     if stage == "submit":

@@ -202,22 +202,14 @@ def test_reshard_killed_at_random_shards_resumes_to_identical_tars(reshard_input
 def eval_world(tmp_path_factory) -> dict:
     """A RUN with a random curate-debug checkpoint and the offline suite built from small generated
     pool splits plus real digits (5 tasks, each a few seconds on CPU)."""
-    import json
     import shutil
 
-    import torch
-
     from benchmark import evalsets as E
-    from curate.models import load_model, save_checkpoint
+    from tests.run_factory import checkpoint_run, random_checkpoint
     from tests.test_evalsets import make_pool_evalsets
 
     root = tmp_path_factory.mktemp("kill_eval")
-    run = root / "run"
-    run.mkdir()
-    torch.manual_seed(0)
-    save_checkpoint(load_model("curate-debug", None, "cpu").model, run / "final.pt")
-    (run / "info.json").write_text(json.dumps({"model": "curate-debug", "final_checkpoint": "final.pt",
-                                               "status": "done"}))
+    run = checkpoint_run(root / "run", random_checkpoint(root / "model.pt"))
     ev = root / "evalsets"
     E.build_offline(E.BuildOfflineConfig(out=ev, pool_dir=make_pool_evalsets(root / "pool", n_per_class=6),
                                          limit=400))

@@ -40,7 +40,7 @@ class MachineFailure(CurateError):
     """A full disk, an unwritable output, a dead worker or exhausted memory, reported by `environment_error`."""
 
 
-def environment_error(exc: BaseException) -> CurateError | None:
+def environment_error(exc: BaseException) -> MachineFailure | None:
     """A MachineFailure for a full disk, an unwritable output, a dead worker process or exhausted
     memory found anywhere in `exc`'s chain (`exc` itself when it already is one); None for anything
     else (a user error keeps its message, a bug its traceback)."""
@@ -61,7 +61,7 @@ def environment_error(exc: BaseException) -> CurateError | None:
         name = type(e).__name__
         if name == "BrokenProcessPool" or "DataLoader worker" in text and ("killed" in text or "exited" in text):
             return MachineFailure(f"a worker process died ({text or name}); the usual causes are the out-of-memory "
-                               f"killer or a crash in a native library (see `dmesg`). {RESUME}")
+                                  f"killer or a crash in a native library (see `dmesg`). {RESUME}")
         if isinstance(e, MemoryError):
             return MachineFailure(f"out of memory ({text or 'MemoryError'}): lower --workers or the batch size. {RESUME}")
         e = e.__cause__ or e.__context__

@@ -8,7 +8,7 @@ batches from its workers in a fixed round-robin order. A run resumed from checkp
 sees exactly the batches an uninterrupted run sees after checkpoint k, and reaches the same weights.
 
 webdataset does the tar reading and sample grouping (`tarfile_to_samples`) and the shuffle buffer;
-images are decoded with curate.pool_io.decode_image (pixel cap, corrupt images skipped and counted)
+images are decoded with curate.pool.io.decode_image (pixel cap, corrupt images skipped and counted)
 and transformed with open_clip's training transform; captions are tokenised per batch.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ResampledBatches:
     def _samples(self, rng: random.Random) -> Iterator[tuple]:
         import webdataset as wds
 
-        from curate.pool_io import ImageDecodeError, decode_image
+        from curate.pool.io import ImageDecodeError, decode_image
 
         def urls():
             while True:  # resampled: shards drawn with replacement, forever
@@ -98,7 +98,7 @@ class ResampledBatches:
         import torch
         from torch.utils.data import get_worker_info
 
-        from curate.loader_workers import share_tensors
+        from curate.core.loader_workers import share_tensors
 
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -116,7 +116,7 @@ class ResampledBatches:
             txts.append(txt)
             if len(imgs) == bs:
                 batch = torch.stack(imgs), self.tokenizer(txts)
-                yield share_tensors(batch) if info is not None else batch  # see curate/loader_workers.py
+                yield share_tensors(batch) if info is not None else batch  # see curate/core/loader_workers.py
                 imgs, txts = [], []
                 produced += 1
                 if produced == mine:

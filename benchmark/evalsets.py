@@ -31,13 +31,13 @@ from typing import Iterator
 import click
 import numpy as np
 
-from curate.hashing import sha256_file
-from curate.pool_io import decode_image  # the pool's pixel-capped decoder; ImageDecodeError is a ValueError
+from curate.core.hashing import sha256_file
+from curate.pool.io import decode_image  # the pool's pixel-capped decoder; ImageDecodeError is a ValueError
 from benchmark.tasks import (
     CLASSIFICATION, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task, get_task,
 )
-from curate.atomic import write_json, write_text
-from curate.errors import CurateError, MissingDependencyError
+from curate.core.atomic import write_json, write_text
+from curate.core.errors import CurateError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class _Prepare:
 def _collate(batch):
     import torch
 
-    from curate.loader_workers import in_worker, share_tensors
+    from curate.core.loader_workers import in_worker, share_tensors
 
     tensors, ok, keys, labels, captions, metas, errors = zip(*batch)
     out = {
@@ -202,7 +202,7 @@ def _collate(batch):
         "meta": list(metas),
         "errors": list(errors),
     }
-    return share_tensors(out) if in_worker() else out  # see curate/loader_workers.py
+    return share_tensors(out) if in_worker() else out  # see curate/core/loader_workers.py
 
 
 def transform_output_size(transform) -> tuple[int, int, int]:
@@ -535,7 +535,7 @@ def _https(url: str) -> str:
 def _fetch(url: str, dest: Path, max_bytes: int, sha256: str | None = None) -> None:
     import requests
 
-    from curate.atomic import atomic_path
+    from curate.core.atomic import atomic_path
 
     h = hashlib.sha256()
     with requests.get(_https(url), stream=True, timeout=60) as r:

@@ -6,7 +6,7 @@ text embeddings, renormalised), image-text retrieval recall@k both ways, WinoGAV
 and fairness worst-group metrics (benchmark/metrics.py).
 
 Reliability: results are written atomically after each task, one JSON line per task
-(DESIGN.md section 2, plus `model_id` so a changed checkpoint is never mixed with old scores), and a
+(docs/FORMATS.md, "Evaluation results", with `model_id` so a changed checkpoint is never mixed with old scores), and a
 task already scored for the same model is not recomputed. A task whose data is absent is reported
 *missing* - never scored 0 - and each average says how many tasks it covers.
 """
@@ -32,8 +32,8 @@ from benchmark.tasks import (
     CLASSIFICATION, DATACOMP_SCORED, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task,
     resolve_tasks,
 )
-from curate.atomic import cleanup_temp_siblings, write_json, write_text
-from curate.errors import CurateError
+from curate.core.atomic import cleanup_temp_siblings, write_json, write_text
+from curate.core.errors import CurateError
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     Summary: {"results": {key: record}, "missing": {key: reason}, "skipped": {key: reason},
     "computed": [keys], "reused": [keys], "aggregates": {...}, "results_file": path}.
     """
-    from curate.models import load_model, model_id as make_model_id
+    from curate.clip.models import load_model, model_id as make_model_id
 
     arch, ckpt, out = resolve_model(cfg)
     root = Path(cfg.evalsets) if cfg.evalsets else default_evalsets_dir()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import click
 
-from curate import atomic
-from curate.errors import CurateError
+from curate.core import atomic
+from curate.core.errors import CurateError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS submissions (
@@ -69,7 +69,7 @@ def connect(db: Path, read_only: bool = False):
 
 def add_bundle(db: Path, bundle: Path) -> dict:
     """Insert (or replace) one bundle's rows: the same name/scale/seed submitted again replaces the old rows."""
-    from benchmark.submit import average_score, main_value, read_json, read_results
+    from benchmark.results import average_score, main_value, read_json, read_results
 
     bundle = Path(bundle)
     decl = read_json(bundle / "bundle.json", "bundle declaration")

@@ -1,4 +1,4 @@
-"""The one table of fixed training hyperparameters per scale (DESIGN.md section 3).
+"""The one table of fixed training hyperparameters per scale (docs/FORMATS.md, "Training runs", names the RUN files).
 
 DataComp's rule is that the training recipe is fixed and only the data changes, so every number
 that decides what a benchmark run learns lives here and nowhere else. `small` to `xlarge` copy
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
 
 
 @dataclass(frozen=True)

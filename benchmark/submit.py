@@ -38,9 +38,10 @@ from typing import Any
 import click
 import numpy as np
 
-from curate import atomic, uids as uidlib
-from curate.hashing import sha256_file
-from curate.errors import CurateError
+from curate.core import atomic, uids as uidlib
+from curate.core.hashing import sha256_file
+from benchmark.results import average_score, first, read_json, read_results
+from curate.core.errors import CurateError
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILES_REQUIRED = ("results.jsonl", "uids.npy", "uids.npy.sha256", "info.json", "versions.json")
@@ -64,90 +65,11 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except FileNotFoundError:
-        raise CurateError(f"{path}: missing ({what})") from None
-    except json.JSONDecodeError as e:
-        raise CurateError(f"{path}: not valid JSON ({what}): line {e.lineno}: {e.msg}") from None
-    if not isinstance(obj, dict):
-        raise CurateError(f"{path}: expected a JSON object ({what})")
-    return obj
-
-
-def read_results(path: Path) -> list[dict]:
-    """Read an eval results JSONL (DESIGN.md section 2), naming the line of any malformed record."""
-    if not path.is_file():
-        raise CurateError(f"{path}: missing (evaluation results; run `curate evaluate` first)")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CurateError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict) or "key" not in r:
-                raise CurateError(f"{path}: line {i} has no 'key' field")
-            try:
-                main_value(r)
-            except ValueError as e:
-                raise CurateError(f"{path}: line {i} ({r['key']}): {e}") from None
-            rows.append(r)
-    keys = [r["key"] for r in rows]
-    dup = {k for k in keys if keys.count(k) > 1}
-    if dup:
-        raise CurateError(f"{path}: task(s) listed twice: {', '.join(sorted(dup))}")
-    return rows
-
-
-def main_value(r: dict) -> float | None:
-    """The value of a result line's main metric.
-
-    The evaluator (benchmark/evaluate.py) names the metric in ``main_metric`` and stores the value in
-    ``metrics[main_metric]``; a numeric ``main_metric`` (the value itself) is accepted too. None means the
-    task was not scored (its data was absent). Raises ValueError for a value that is not a finite number.
-    """
-    mm = r.get("main_metric")
-    if isinstance(mm, str):
-        metrics = r.get("metrics")
-        v = metrics.get(mm) if isinstance(metrics, dict) else None
-        where = f"metrics[{mm!r}]"
-    else:
-        v, where = mm, "main_metric"
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{where} = {v!r} is not a finite number")
-    return float(v)
-
-
-def average_score(results: list[dict]) -> tuple[float | None, list[str]]:
-    """DataComp's average: unweighted mean of the main metrics of the tasks that were scored.
-
-    Tasks present without a main metric (data absent) are returned as missing, never counted as 0.
-    """
-    values = {r["key"]: main_value(r) for r in results}
-    scored = [v for v in values.values() if v is not None]
-    missing = sorted(k for k, v in values.items() if v is None)
-    return (float(np.mean(scored)) if scored else None), missing
-
-
-def _first(d: dict, *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if d.get(k) is not None:
-            return d[k]
-    return default
-
-
 def subset_dir_of(run: Path, info: dict) -> Path | None:
     """Locate the SUBSET a run was trained on from its info.json (the trainer records its path)."""
-    raw = _first(info, "subset", "subset_path", "data", "data_path")
+    raw = first(info, "subset", "subset_path", "data", "data_path")
     if isinstance(raw, dict):
-        raw = _first(raw, "path", "dir")
+        raw = first(raw, "path", "dir")
     if not raw:
         return None
     p = Path(raw)
@@ -189,7 +111,7 @@ def run_hyperparameters(info: dict) -> dict | None:
     run = info.get("run")
     if isinstance(run, dict) and isinstance(run.get("scale"), dict):
         return run["scale"]
-    hp = _first(info, "hyperparameters", "hparams", "scale_config", "config")
+    hp = first(info, "hyperparameters", "hparams", "scale_config", "config")
     return hp if isinstance(hp, dict) else None
 
 
@@ -293,8 +215,8 @@ def submit(cfg: SubmitConfig) -> dict:
     recipe_text = _recipe_text(subset, manifest)
     recipe_name = _recipe_name(manifest, recipe_text)
     name = _safe_name(cfg.name or recipe_name or run.name)
-    seed = _first(info, "seed")
-    scale = _first(info, "scale", "scale_name")
+    seed = first(info, "seed")
+    scale = first(info, "scale", "scale_name")
     if isinstance(scale, dict):
         scale = scale.get("name")
     if scale is None:
@@ -335,7 +257,7 @@ def submit(cfg: SubmitConfig) -> dict:
         "recipe": recipe_name,
         "scale": scale,
         "seed": seed,
-        "arch": _first(info, "model", "arch"),
+        "arch": first(info, "model", "arch"),
         "official": bool(info.get("official", False)),
         "subset_size": int(len(arr)),
         "unique_uids": int(len(np.unique(arr))),
@@ -586,22 +508,22 @@ def verify_dir(bdir: Path, pool: Path, require_success: bool = False) -> VerifyR
         rep.add("declared size", True, f"{len(arr)} uids")
     # 3. the training run matches the bundle and used the official hyperparameters of its scale
     info = read_json(bdir / "info.json", "training info")
-    scale = _first(info, "scale", "scale_name")
+    scale = first(info, "scale", "scale_name")
     if isinstance(scale, dict):
         scale = scale.get("name")
     if scale != decl.get("scale"):
         rep.add("scale", False, f"bundle.json declares scale {decl.get('scale')!r}, info.json says {scale!r}")
-    if _first(info, "seed") != decl.get("seed"):
+    if first(info, "seed") != decl.get("seed"):
         rep.add("seed", False, f"bundle.json declares seed {decl.get('seed')!r}, info.json says {info.get('seed')!r}")
-    n_train = _first(info, "subset_size", "n_samples", "num_samples")
+    n_train = first(info, "subset_size", "n_samples", "num_samples")
     if isinstance(info.get("subset"), dict):
-        n_train = _first(info["subset"], "size", "n", "count", default=n_train)
+        n_train = first(info["subset"], "size", "n", "count", default=n_train)
     if isinstance(n_train, int) and n_train != len(arr):
         rep.add("declared size", False, f"info.json says the run trained on {n_train} samples, uids.npy holds {len(arr)}")
     manifest_path = bdir / "manifest.json"
     if manifest_path.is_file():
         man = read_json(manifest_path, "filter manifest")
-        final = _first(man, "n_kept", "kept", "output_count", "subset_size")
+        final = first(man, "n_kept", "kept", "output_count", "subset_size")
         if isinstance(final, int) and final != len(arr):
             rep.add("manifest count", False, f"manifest.json says {final} kept, uids.npy holds {len(arr)}")
     _check_hparams(rep, info, str(scale))

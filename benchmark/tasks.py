@@ -178,7 +178,7 @@ assert len(DATACOMP_SCORED) == 38, len(DATACOMP_SCORED)
 
 def get_task(key: str) -> Task:
     """Look a task up by its key, or by a unique suffix (`cifar100`, `fashion_mnist`)."""
-    from curate.errors import CurateError
+    from curate.core.errors import CurateError
 
     if key in TASKS:
         return TASKS[key]

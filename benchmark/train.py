@@ -1,7 +1,7 @@
 """Train CLIP on a subset's shards with the fixed hyperparameters of a scale (DataComp's protocol).
 
 The recipe is DataComp's, built from open_clip's parts: the model from open_clip's factory (through
-curate.models, so the CPU architectures work), open_clip's `ClipLoss` (local loss + gather with
+curate.clip.models, so the CPU architectures work), open_clip's `ClipLoss` (local loss + gather with
 gradient under DDP), AdamW with weight decay on weight matrices only, open_clip_train's cosine
 schedule with linear warmup, a fixed number of samples seen (resampled shards), logit scale clamped
 to 100, AMP (fp16 + GradScaler) on GPU. Only the seed, the device and paths may change a run; any
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import click
 
-from curate.hashing import sha256_file
+from curate.core.hashing import sha256_file
 from benchmark.data import StreamConfig, find_shards, make_loader
 from benchmark.scales import Scale, get_scale, override, parse_overrides
-from curate import __version__
-from curate.atomic import atomic_path, cleanup_temp_files, write_json, write_text
-from curate.errors import CurateError
+from curate.core.version import __version__
+from curate.core.atomic import atomic_path, cleanup_temp_files, write_json, write_text
+from curate.core.errors import CurateError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,18 @@ def subset_hash(data: Path, shards: list[str]) -> str:
     for s in shards:
         h.update(f"{Path(s).name}:{os.path.getsize(s)}".encode())
     return h.hexdigest()
+
+
+def stale_run(run: Path, subset: Path) -> bool:
+    """True when RUN was trained on a different version of SUBSET (the recipe or pool changed since)."""
+    info_p = run / "info.json"
+    if not info_p.is_file():
+        return False
+    try:
+        info = json.loads(info_p.read_text())
+    except ValueError:
+        return True
+    return info.get("subset_hash") != subset_hash(subset, find_shards(subset))
 
 
 def _versions() -> dict:
@@ -143,7 +155,7 @@ def train(cfg: TrainConfig) -> dict:
     from open_clip_train.scheduler import cosine_lr
     from tqdm import tqdm
 
-    from curate.models import register_configs, resolve_device
+    from curate.clip.models import register_configs, resolve_device
 
     scale: Scale = override(get_scale(cfg.scale), cfg.overrides, cfg.unofficial)
     official = scale == get_scale(cfg.scale)
@@ -301,7 +313,7 @@ def train(cfg: TrainConfig) -> dict:
 
     seconds = time.perf_counter() - t_start
     if is_main:
-        from curate.models import save_checkpoint
+        from curate.clip.models import save_checkpoint
 
         save_checkpoint(raw_model, out / "final.pt", extra={"scale": scale.name, "seed": cfg.seed, "step": step})
         info.update(status="done", seconds_this_session=round(seconds, 1),

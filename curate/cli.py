@@ -12,32 +12,32 @@ import logging
 
 import click
 
-from curate import __version__
-from curate.errors import environment_error
+from curate.core.version import __version__
+from curate.core.errors import environment_error
 
 # name -> ("module:attribute", one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("benchmark.evaluate:evaluate_cmd", "Zero-shot evaluation on DataComp's 38 tasks and the offline suite; resumable, missing tasks reported."),
-    "download": ("curate.download:download_cmd", "Download a URL table into a webdataset POOL on Ray (img2dataset), every row accounted for."),
-    "embed": ("curate.embed:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
-    "filter": ("curate.filter:filter_cmd", "Filter a POOL with a YAML recipe into a SUBSET: parquet, uids.npy, per-uid ledger, report."),
-    "diff": ("curate.diff:diff_cmd", "Compare two SUBSETs: counts in each/both/neither and the step that decided each differing uid."),
-    "reshard": ("curate.reshard:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
+    "download": ("curate.pool.download:download_cmd", "Download a URL table into a webdataset POOL on Ray (img2dataset), every row accounted for."),
+    "embed": ("curate.embed.stage:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
+    "filter": ("curate.filter.engine:filter_cmd", "Filter a POOL with a YAML recipe into a SUBSET: parquet, uids.npy, per-uid ledger, report."),
+    "diff": ("curate.filter.diff:diff_cmd", "Compare two SUBSETs: counts in each/both/neither and the step that decided each differing uid."),
+    "reshard": ("curate.reshard.stage:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
     "train": ("benchmark.train:train_cmd", "Train CLIP on SUBSET/shards at a fixed-hyperparameter scale (DataComp protocol)."),
     "submit": ("benchmark.submit:submit_command", "Pack a finished RUN into a verifiable submission bundle."),
     "verify": ("benchmark.submit:verify_command", "Check a submission bundle against a pool (uids, size, hashes, hyperparameters)."),
     "leaderboard": ("benchmark.leaderboard:leaderboard_command", "Local DuckDB leaderboard: ranking, --compare A B, --html."),
-    "run": ("curate.pipeline:run_cmd", "Recipe to leaderboard in one command: filter, reshard, train, evaluate, submit."),
-    "train-scorer": ("curate.scorer:train_scorer_cmd", "Train a CLIP filtering network on the pool's trusted subset (offline, DFN-style)."),
-    "demo": ("curate.demo:demo_cmd", "The whole toolkit on the built-in offline pool, ending in a leaderboard (resumable)."),
+    "run": ("curate.run.pipeline:run_cmd", "Recipe to leaderboard in one command: filter, reshard, train, evaluate, submit."),
+    "train-scorer": ("curate.run.scorer:train_scorer_cmd", "Train a CLIP filtering network on the pool's trusted subset (offline, DFN-style)."),
+    "demo": ("curate.run.demo:demo_cmd", "The whole toolkit on the built-in offline pool, ending in a leaderboard (resumable)."),
 }
 
 POOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "verify": ("curate.pool_verify:verify_cmd", "Reconcile a POOL: metadata rows = input rows, tars match metadata; non-zero exit if not."),
-    "build-offline": ("curate.offline.build:build_offline_cmd", "Build a real, noisy image-text pool from offline sources (openclipart, Tux Paint, Twemoji)."),
-    "serve": ("curate.serve:serve_cmd", "Serve a pool's www/ folder over loopback HTTP (the offline stand-in for the web)."),
-    "import-datacomp": ("curate.datacomp_pool:import_datacomp_cmd", "Use DataComp's released metadata (parquet + npz embeddings) as a POOL, read in place."),
-    "select-datacomp": ("curate.datacomp_select:select_datacomp_cmd", "uids.npy of a CLIP-score recipe on a DataComp POOL, streamed (fast, low memory, no ledger)."),
+    "verify": ("curate.pool.verify:verify_cmd", "Reconcile a POOL: metadata rows = input rows, tars match metadata; non-zero exit if not."),
+    "build-offline": ("curate.pool.offline.build:build_offline_cmd", "Build a real, noisy image-text pool from offline sources (openclipart, Tux Paint, Twemoji)."),
+    "serve": ("curate.pool.serve:serve_cmd", "Serve a pool's www/ folder over loopback HTTP (the offline stand-in for the web)."),
+    "import-datacomp": ("curate.pool.datacomp:import_datacomp_cmd", "Use DataComp's released metadata (parquet + npz embeddings) as a POOL, read in place."),
+    "select-datacomp": ("curate.filter.datacomp_select:select_datacomp_cmd", "uids.npy of a CLIP-score recipe on a DataComp POOL, streamed (fast, low memory, no ledger)."),
 }
 
 EVALSETS_COMMANDS: dict[str, tuple[str, str]] = {

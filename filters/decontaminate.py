@@ -34,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import faiss_index
-from curate.hashing import sha256_file
-from curate.atomic import atomic_path, write_bytes
-from curate.errors import CurateError
+from curate.lib import faiss_index
+from curate.core.hashing import sha256_file
+from curate.core.atomic import atomic_path, write_bytes
+from curate.core.errors import CurateError
 from filters.base import Batch, Filter, StepResult, register
 from filters.dedup import column, normalise
 

@@ -6,7 +6,7 @@ Recipe: ``dedup: {on: image|text|both, threshold: 0.95, index: auto|flat|ivf, ke
    (``on: text``), or both equal (``on: both``). Only one representative per exact group goes on
    to step 2, so a pool with 10,000 copies of one logo costs one vector, not 10,000.
 2. Near duplicates: cosine similarity of the L2-normalised embeddings >= ``threshold``, found by a
-   FAISS k-nearest-neighbour search (`curate.faiss_index`: exact for small pools, IVF for large, GPU
+   FAISS k-nearest-neighbour search (`curate.lib.faiss_index`: exact for small pools, IVF for large, GPU
    when available). ``on: both`` pairs are found on the image embeddings and must also pass the
    threshold on the text embeddings (same picture *and* same meaning).
 3. Groups are the connected components of the union of both graphs, so duplication is transitive:
@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import faiss_index
+from curate.lib import faiss_index
 from filters.base import Batch, Filter, StepResult, register
 
 

@@ -49,7 +49,7 @@ class ImageBasedFilter(Filter):
         max_target_images: int = field(default=100_000, metadata={"min": 1})
 
     def _resolve(self, context) -> Path:
-        from curate.errors import CurateError
+        from curate.core.errors import CurateError
 
         p = Path(self.params.target)
         if not p.is_absolute():
@@ -63,7 +63,7 @@ class ImageBasedFilter(Filter):
         return p
 
     def setup(self, context) -> None:
-        from curate.errors import CurateError
+        from curate.core.errors import CurateError
 
         self.seed = int(context.get("seed", 0))
         p = self._resolve(context)
@@ -87,7 +87,7 @@ class ImageBasedFilter(Filter):
     def apply(self, batch: Batch) -> StepResult:
         import faiss
 
-        from curate.errors import CurateError
+        from curate.core.errors import CurateError
 
         p = self.params
         emb = batch.image_emb

@@ -6,7 +6,7 @@ Why: a model sees a rare concept ("sashimi", "tabby") too few times to learn it 
 K-LITE (Shen et al., 2022) showed that adding the concept's dictionary definition to the caption
 helps. For each caption:
 
-1. find WordNet nouns (`curate.wordnet.find_nouns`: longest multi-word lemma first, so "ice cream"
+1. find WordNet nouns (`curate.lib.wordnet.find_nouns`: longest multi-word lemma first, so "ice cream"
    is one concept; plurals and irregular forms via morphy; stop words and words WordNet does not
    know as nouns are skipped), taking each word's most frequent noun sense;
 2. count, over every row that reaches this step, how many captions mention each concept;
@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from curate import wordnet
+from curate.lib import wordnet
 from filters.base import Batch, Filter, StepResult, register
 from filters.dedup import column
 

@@ -3,7 +3,7 @@
 DataComp keeps a caption when it is English (fastText top label) and any word's first WordNet
 synset is one of ImageNet-21k's synsets (``baselines/apply_filter.py``, text-entity filter). Here:
 - words are ``text.split()`` with surrounding punctuation stripped ("dog," -> "dog"; DataComp looks
-  "dog," up as is and misses it), looked up with WordNet's morphy (plurals) via `curate.wordnet`;
+  "dog," up as is and misses it), looked up with WordNet's morphy (plurals) via `curate.lib.wordnet`;
 - "first synset" is the most frequent *noun* sense (DataComp's nltk call mixes parts of speech, so
   a verb's byte offset could collide with a noun wnid; wnids are noun offsets, so nouns only is
   the intended rule);
@@ -31,7 +31,7 @@ _PUNCT = string.punctuation + "“”‘’«»…"
 @lru_cache(maxsize=4)
 def load_wnids(path: str | None = None) -> frozenset[str]:
     """ImageNet-21k wnids (``n`` + 8 digits) from timm's bundled list, or from `path`."""
-    from curate.errors import CurateError, MissingDependencyError
+    from curate.core.errors import CurateError, MissingDependencyError
 
     if path is None:
         try:
@@ -66,7 +66,7 @@ class TextBasedFilter(Filter):
         synsets_file: str | None = None  # default: timm's imagenet21k_goog_synsets.txt
 
     def setup(self, context) -> None:
-        from curate.wordnet import get_wordnet
+        from curate.lib.wordnet import get_wordnet
 
         self.wnids = load_wnids(self.params.synsets_file)
         get_wordnet()
@@ -76,7 +76,7 @@ class TextBasedFilter(Filter):
     @staticmethod
     @lru_cache(maxsize=500_000)
     def _word_wnid(word: str) -> str | None:
-        from curate.wordnet import first_noun_wnid
+        from curate.lib.wordnet import first_noun_wnid
 
         return first_noun_wnid(word)
 

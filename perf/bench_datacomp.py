@@ -8,10 +8,10 @@ small pool; tests/datacomp_factory.py), imported in place with `curate pool impo
   a full descending sort's element at ``int(N * 0.3)``; then the pool reads (uid, score) per file,
   keeps ``score >= threshold`` and parses each kept uid in Python (``int(uid[:16], 16)``), the
   concatenated array is sorted and saved.
-- select: `curate pool select-datacomp` (curate.datacomp_select.select_uids) with
+- select: `curate pool select-datacomp` (curate.filter.datacomp_select.select_uids) with
   ``recipes/clip_l14_30pct.yaml`` plus ``datacomp_ties: true`` (DataComp's own tie rule, so the
   outputs can be compared byte for byte): read -> threshold -> uids.npy, streamed.
-- filter: `curate.filter.filter_pool` with the same recipe, no report. It writes everything `curate
+- filter: `curate.filter.engine.filter_pool` with the same recipe, no report. It writes everything `curate
   filter` always writes (per-uid ledger, subset.parquet with url/text, manifest), not only uids.npy.
 
 Each side runs in its own fresh subprocess (``python -m perf.bench_datacomp --side ...``); wall time
@@ -44,7 +44,7 @@ def generate(work: Path, rows: int, files: int) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from datacomp_factory import write_datacomp_pool
 
-    from curate.datacomp_pool import ImportConfig, import_datacomp
+    from curate.pool.datacomp import ImportConfig, import_datacomp
 
     src = work / "datacomp_metadata"
     marker = src / "bench.json"
@@ -105,14 +105,14 @@ def _recipe(out: Path, fraction: float) -> Path:
 
 
 def select(pool: Path, out: Path, fraction: float) -> None:
-    from curate.datacomp_select import SelectConfig, select_uids
+    from curate.filter.datacomp_select import SelectConfig, select_uids
 
     s = select_uids(SelectConfig(recipe=str(_recipe(out, fraction)), pool=str(pool), out=str(out / "uids.npy")))
     print(json.dumps({"kept": s["kept"], "threshold": s["threshold"]}), file=sys.stderr)
 
 
 def ours(pool: Path, out: Path, fraction: float) -> None:
-    from curate.filter import FilterConfig, filter_pool
+    from curate.filter.engine import FilterConfig, filter_pool
 
     recipe = _recipe(out, fraction)
     s = filter_pool(FilterConfig(recipe=str(recipe), pool=str(pool), out=str(out / "subset"), report=False,

@@ -89,7 +89,7 @@ def child_ours(args) -> dict:
 
 
 def child_exact(args) -> dict:
-    from curate import faiss_index
+    from curate.lib import faiss_index
 
     x, src, dst = make_data(args.n, args.d, args.pairs)
     rng = np.random.default_rng(1)

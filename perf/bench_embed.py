@@ -7,7 +7,7 @@ JPEGs in the contract format (tests/pool_factory.py) and measures, side by side 
 
   naive      single process: read tar -> PIL decode -> preprocess -> batch -> encode_image and
              encode_text (full context) under torch.no_grad (the simple path of clip-retrieval)
-  curate     curate.embed.Embedder.run (reads tars, decodes, embeds, writes parquet; the model is
+  curate     curate.embed.stage.Embedder.run (reads tars, decodes, embeds, writes parquet; the model is
              loaded before timing, as for the others) with each decode mode: DataLoader worker
              processes (the default, 1 on CPU), a thread pool ahead of the model, and inline
   ceiling    forward only on pre-decoded, pre-tokenized tensors: `plain` = encode_image +
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from curate.embed import EmbedConfig, Embedder, _load_jobs, encode_text_trimmed  # noqa: E402
-from curate.models import load_model  # noqa: E402
-from curate.pool_io import decode_image, iter_samples, list_shards, read_shard_metadata  # noqa: E402
+from curate.embed.stage import EmbedConfig, Embedder, load_jobs, encode_text_trimmed  # noqa: E402
+from curate.clip.models import load_model  # noqa: E402
+from curate.pool.io import decode_image, iter_samples, list_shards, read_shard_metadata  # noqa: E402
 from tests.pool_factory import make_pool  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def bench_model(arch: str, n_images: int, batch: int, repeats: int, image_size: 
     def run_curate(decode, loader_workers):
         shutil.rmtree(pool / "embeddings", ignore_errors=True)
         embedder.cfg.decode, embedder.cfg.loader_workers = decode, loader_workers
-        res = embedder.run(_load_jobs(list_shards(pool)))
+        res = embedder.run(load_jobs(list_shards(pool)))
         return sum(r["rows"] for r in res)
 
     batches = predecode(lm, pool, batch)

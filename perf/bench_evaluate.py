@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from benchmark import evalsets as E  # noqa: E402
 from benchmark.evaluate import EvalConfig, evaluate  # noqa: E402
 from benchmark.tasks import TASKS  # noqa: E402
-from curate.models import load_model  # noqa: E402
+from curate.clip.models import load_model  # noqa: E402
 
 
 def ceiling_images_per_s(lm, n: int, batch_size: int) -> float:

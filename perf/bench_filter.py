@@ -5,7 +5,7 @@ small-pool size) in 26 parquet files, with two embeddings folders holding a B/32
 L/14-style clip_score, and the recipe ``basic`` + ``clip_score {model: ViT-L-14,
 keep_top_fraction: 0.3}``.
 
-- ours: `curate.filter.filter_pool` (ledger, subset.parquet, uids.npy, manifest; no report).
+- ours: `curate.filter.engine.filter_pool` (ledger, subset.parquet, uids.npy, manifest; no report).
 - reference: what DataComp's baseline scripts do: read every metadata file with pandas (all
   columns) plus the score columns, fastText language ID per caption (``model.predict(text)``),
   ``len(text.split())``, ``len(text)``, sizes, then sort the whole score column of the survivors
@@ -60,7 +60,7 @@ def generate(work: Path, rows: int, files: int) -> Path:
 
 
 def run_ours(work: Path) -> None:
-    from curate.filter import FilterConfig, filter_pool
+    from curate.filter.engine import FilterConfig, filter_pool
 
     recipe = work / "recipe.yaml"
     recipe.write_text(RECIPE)
@@ -166,8 +166,8 @@ def quality(pool: Path, truth: Path, work: Path, fractions: list[float]) -> None
     """
     import pyarrow.parquet as pq
 
-    from curate.filter import FilterConfig, filter_pool
-    from curate.recipe import available_embeddings
+    from curate.filter.engine import FilterConfig, filter_pool
+    from curate.filter.recipe import available_embeddings
 
     models = available_embeddings(pool)
     noise = dict(zip(*[pq.read_table(truth, columns=["uid", "noise"])[c].to_pylist() for c in ("uid", "noise")]))
@@ -220,7 +220,7 @@ def main() -> None:
         return
     ref = measure("reference", a.work)
     print(json.dumps(ref), flush=True)
-    from curate import uids as U
+    from curate.core import uids as U
 
     same = np.array_equal(U.load(a.work / "ours" / "uids.npy"), np.load(a.work / "reference" / "uids.npy"))
     print(f"rows {a.rows}: ours {ours['wall_s']}s {ours['peak_rss_gb']} GB | reference {ref['wall_s']}s "

@@ -27,7 +27,7 @@ def baseline_reshard(subset: Path, pool: Path, out: Path, shard_size: int) -> in
     """Single-process DataComp-style resharder (the reference we compare against)."""
     import webdataset as wds
 
-    from curate import uids as uidlib
+    from curate.core import uids as uidlib
 
     arr = uidlib.load(subset / "uids.npy", mmap=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from curate import uids as uidlib
-    from curate.reshard import ReshardConfig, reshard
+    from curate.core import uids as uidlib
+    from curate.reshard.stage import ReshardConfig, reshard
     from tests.pool_factory import make_pool
 
     # one-time imports (webdataset pulls torch; pyarrow.dataset pulls pandas) are paid before timing

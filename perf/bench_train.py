@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 _OPENCLIP_WRAPPER = (
-    "import sys; from curate.models import register_configs; register_configs(); "
+    "import sys; from curate.clip.models import register_configs; register_configs(); "
     "from open_clip_train.main import main; main(sys.argv[1:])"
 )
 
@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--concurrent", action="store_true", help="run both trainers at the same time (loaded machine)")
     args = ap.parse_args()
 
-    from curate import uids as uidlib
-    from curate.reshard import ReshardConfig, reshard
+    from curate.core import uids as uidlib
+    from curate.reshard.stage import ReshardConfig, reshard
     from tests.pool_factory import make_pool
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

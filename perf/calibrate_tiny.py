@@ -1,7 +1,7 @@
 """Calibrate the CPU scale `tiny`: does a run at its fixed hyperparameters learn something measurable?
 
 Builds a throwaway webdataset from real offline images (Tux Paint stamps with their English captions,
-Twemoji with their names; read by curate.offline.sources), holds out ~15% of the items (by group, so an
+Twemoji with their names; read by curate.pool.offline.sources), holds out ~15% of the items (by group, so an
 emoji and its skin-tone variants stay together), trains `curate train --scale tiny` on the rest and
 measures image->text and text->image recall@5 on the held-out items against chance and against the
 same architecture untrained.
@@ -29,9 +29,9 @@ def _held_out(item) -> bool:
 
 def build(work: Path) -> tuple[Path, list[dict]]:
     """Write work/train/shards/*.tar and return the held-out items as (jpeg bytes, caption)."""
-    from curate.offline.sources import (SourcePaths, encode_image, read_tuxpaint, read_twemoji, render_svg,
+    from curate.pool.offline.sources import (SourcePaths, encode_image, read_tuxpaint, read_twemoji, render_svg,
                                         resize_png)
-    from curate.uids import make_uid
+    from curate.core.uids import make_uid
 
     done = work / "heldout.json"
     if done.exists():
@@ -79,7 +79,7 @@ def recall_at(model_arch: str, weights: str | None, held: list[dict], k: int = 5
     import torch
     from PIL import Image
 
-    from curate.models import load_model
+    from curate.clip.models import load_model
 
     lm = load_model(model_arch, weights, device="cpu")
     caps = sorted({h["caption"] for h in held})

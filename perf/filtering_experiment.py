@@ -23,8 +23,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 def main(argv: list[str] | None = None) -> dict:
     from benchmark.leaderboard import compare, connect, format_compare, format_standings, standings
-    from curate.demo import DemoConfig, demo
-    from curate.pipeline import parse_seeds
+    from curate.run.demo import DemoConfig, demo
+    from curate.run.pipeline import parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("work"))

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from curate.offline.build import OfflinePoolConfig, build_offline
+from curate.pool.offline.build import OfflinePoolConfig, build_offline
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -23,7 +23,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 @pytest.fixture
 def serve_dir():
     """Factory: `base_url = serve_dir(path)` serves path/www until the test ends."""
-    from curate.serve import running_server
+    from curate.pool.serve import running_server
 
     with contextlib.ExitStack() as stack:
 
@@ -51,8 +51,8 @@ class ServedPool:
 @pytest.fixture(scope="session")
 def offline_pool_small(tmp_path_factory) -> ServedPool:
     """A small offline pool (~1,500 rows), built once per session and served on a free port."""
-    from curate.offline.build import OfflinePoolConfig, build_offline
-    from curate.serve import running_server
+    from curate.pool.offline.build import OfflinePoolConfig, build_offline
+    from curate.pool.serve import running_server
 
     pool = tmp_path_factory.mktemp("offline_pool") / "pool"
     # Start the server first (port 0 = free port), then build with that exact base URL: the server

@@ -1,4 +1,4 @@
-"""Generate a pool's metadata and embeddings parquet (DESIGN.md section 2) without images, fast.
+"""Generate a pool's metadata and embeddings parquet (docs/FORMATS.md, "Pool metadata", "Embeddings") without images, fast.
 
 Used by the filter tests (small, hand-checkable pools) and by perf/bench_filter.py (12.8M rows, the
 DataComp small-pool size, in ~26 files). Everything is vectorised with numpy/pyarrow so that 12.8M

@@ -1,4 +1,4 @@
-"""Build a small POOL directory in exactly the DESIGN.md section 2 contract, for tests.
+"""Build a small POOL directory in exactly the docs/FORMATS.md "Pools" contract, for tests.
 
     from tests.pool_factory import make_pool
     fp = make_pool(tmp_path / "pool", n_shards=2, per_shard=20, corrupt=1, failed=2)
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate.atomic import write_parquet
-from curate.uids import make_uid
+from curate.core.atomic import write_parquet
+from curate.core.uids import make_uid
 
 WORDS = (
     "red blue green small large cat dog tree house car boat flower star moon sun bird fish apple "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from curate import atomic, uids as uidlib
+from curate.core import atomic, uids as uidlib
 
 def official_hparams(scale: str = "debug") -> dict:
     """The scale's fixed hyperparameters, as the trainer records them in info.json."""
@@ -65,7 +65,7 @@ def random_checkpoint(path: Path, seed: int = 0, arch: str = "curate-debug") -> 
     """A randomly initialised open_clip checkpoint of `arch` (seeded), saved as curate saves weights."""
     import torch
 
-    from curate.models import load_model, save_checkpoint
+    from curate.clip.models import load_model, save_checkpoint
 
     torch.manual_seed(seed)
     save_checkpoint(load_model(arch, None, "cpu").model, path)
@@ -86,7 +86,7 @@ def checkpoint_run(dir: Path, ckpt: Path, arch: str = "curate-debug") -> Path:
 def resharded_subset(root: Path, n_shards: int = 2, per_shard: int = 26) -> tuple[Path, Path]:
     """A pool from tests/pool_factory (one corrupt and one failed row per shard) and a SUBSET of all its
     successful uids, resharded into shards of 16: (pool, subset)."""
-    from curate.reshard import ReshardConfig, reshard
+    from curate.reshard.stage import ReshardConfig, reshard
     from tests.pool_factory import make_pool
 
     fp = make_pool(Path(root) / "pool", n_shards=n_shards, per_shard=per_shard, corrupt=1, failed=1)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.atomic import TEMP_PREFIX
+from curate.core.atomic import TEMP_PREFIX
 
 
 def temp_files(root: Path) -> list[Path]:
-    """Files or folders an atomic writer left behind (curate.atomic's temp prefix)."""
+    """Files or folders an atomic writer left behind (curate.core.atomic's temp prefix)."""
     return [p for p in Path(root).rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
 

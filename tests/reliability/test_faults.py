@@ -2,9 +2,9 @@
 another model, NaN scores, an empty pool. Each ends in a clear error or a recorded per-row failure,
 never in an output that looks complete; a rerun after the fault is fixed gives the normal result.
 
-Covered by the stages' own tests and not repeated: truncated/corrupt pool shards (tests/test_reshard.py,
-tests/test_embed.py), a download task failing after retries (tests/test_download.py), an input table
-with no rows or a missing column (tests/test_download.py), NaN embeddings in dedup/semdedup/decontaminate.
+Covered by the stages' own tests and not repeated: truncated/corrupt pool shards (tests/reshard/test_reshard.py,
+tests/embed/test_embed.py), a download task failing after retries (tests/pool/test_download.py), an input table
+with no rows or a missing column (tests/pool/test_download.py), NaN embeddings in dedup/semdedup/decontaminate.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.errors import CurateError
-from curate.filter import FilterConfig, filter_pool
+from curate.core.errors import CurateError
+from curate.filter.engine import FilterConfig, filter_pool
 from tests.metadata_factory import write_embeddings, write_metadata
 from tests.reliability.helpers import sorted_table, temp_files
 
@@ -164,7 +164,7 @@ def test_metadata_missing_a_column_a_step_reads_is_a_curate_error_naming_it(tmp_
 
 def test_metadata_with_a_wrong_column_type_is_a_curate_error_not_a_crash(tmp_path):
     """Found by this suite: original_width as strings crashed filters/basic.py with pyarrow.ArrowTypeError;
-    curate/filter.py now checks the contract's column types up front."""
+    curate/filter/engine.py now checks the contract's column types up front."""
     t = write_metadata(tmp_path / "src", n_rows=50, seed=1)
     i = t.schema.get_field_index("original_width")
     pool = _one_file_pool(tmp_path, t.set_column(i, "original_width", pa.array([f"{w}px" for w in t["original_width"].to_pylist()])))
@@ -219,9 +219,9 @@ def test_an_empty_pool_is_a_clear_error_or_an_empty_complete_subset(tmp_path):
 def stage_inputs(tmp_path_factory) -> dict:
     """A small pool (2 shards), its resharded subset, a debug checkpoint in a RUN, the offline eval suite."""
     from benchmark import evalsets as E
-    from curate import uids as uidlib
+    from curate.core import uids as uidlib
     from tests.run_factory import make_run, make_subset, random_checkpoint, resharded_subset
-    from tests.test_evalsets import make_pool_evalsets
+    from tests.benchmark.test_evalsets import make_pool_evalsets
 
     root = tmp_path_factory.mktemp("full_disk")
     pool, subset = resharded_subset(root, n_shards=2, per_shard=16)
@@ -239,7 +239,7 @@ def _stage_case(stage: str, inp: dict, tmp: Path, serve_dir=None) -> tuple[list[
 
     cli = [sys.executable, "-m", "curate.cli"]
     if stage == "download":
-        from tests.test_download import N_IMAGES, make_www
+        from tests.pool.test_download import N_IMAGES, make_www
 
         make_www(tmp)
         base = serve_dir(tmp)
@@ -296,7 +296,7 @@ EMBED_CRASHER = textwrap.dedent("""
     # sitecustomize: the embed stage's decode worker process dies on its second batch.
     import os
     if os.environ.get("CRASH_EMBED_WORKER"):
-        import curate.embed as e
+        import curate.embed.stage as e
         _iter = e.ShardBatches.__iter__
         def _dying(self):
             from torch.utils.data import get_worker_info

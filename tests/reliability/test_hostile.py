@@ -1,8 +1,8 @@
 """Hostile input: nothing escapes its folder, nothing is executed, nothing exhausts memory.
 
 Already covered elsewhere (not repeated here): download of file:// / ftp:// URLs and PNG bombs
-(tests/test_download.py), unsafe tar member names in pool_io (tests/test_embed.py), unsafe bundle
-tarballs (tests/test_submit.py), !!python tags in a recipe step (tests/test_recipe.py). Here: the
+(tests/pool/test_download.py), unsafe tar member names in pool_io (tests/embed/test_embed.py), unsafe bundle
+tarballs (tests/benchmark/test_submit.py), !!python tags in a recipe step (tests/filter/test_recipe.py). Here: the
 other URL schemes, captions with control characters and 1 MB length carried byte-exact from
 download through filter and reshard, hostile member names in a pool shard given to reshard, a bomb
 image inside a pool shard given to embed, non-hex uids in pool metadata, and YAML alias bombs.
@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curate.download_input import url_problem
-from curate.errors import CurateError
+from curate.pool.download_input import url_problem
+from curate.core.errors import CurateError
 from tests.pool_factory import bomb_png, make_pool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,10 +80,10 @@ def test_a_1mb_caption_is_stored_whole_and_the_pool_verifies(tmp_path, serve_dir
 
 
 def _captions_end_to_end(tmp_path, serve_dir, captions: list[str]) -> None:
-    from curate.download import DownloadConfig, download
-    from curate.filter import FilterConfig, filter_pool
-    from curate.pool_verify import verify_pool
-    from curate.reshard import ReshardConfig, reshard
+    from curate.pool.download import DownloadConfig, download
+    from curate.filter.engine import FilterConfig, filter_pool
+    from curate.pool.verify import verify_pool
+    from curate.reshard.stage import ReshardConfig, reshard
 
     (tmp_path / "www").mkdir()
     for i in range(len(captions)):
@@ -149,8 +149,8 @@ def _rewrite_tar_with_extra(tar_path: Path, extra: dict[str, bytes], prefix_key:
 
 
 def test_reshard_never_writes_outside_its_folder_from_hostile_member_names(tmp_path):
-    from curate import uids as U
-    from curate.reshard import ReshardConfig, reshard
+    from curate.core import uids as U
+    from curate.reshard.stage import ReshardConfig, reshard
     from tests.run_factory import make_subset
 
     fp = make_pool(tmp_path / "area" / "pool", n_shards=2, per_shard=8, corrupt=0, failed=1)
@@ -178,8 +178,8 @@ def test_embed_records_a_bomb_image_in_a_shard_and_embeds_the_rest(tmp_path):
     """A pool shard whose image is a decompression bomb: a per-row error, not a crash or 1 GB of RAM."""
     import torch
 
-    from curate.embed import EmbedConfig, embed
-    from curate.models import load_model, save_checkpoint
+    from curate.embed.stage import EmbedConfig, embed
+    from curate.clip.models import load_model, save_checkpoint
 
     fp = make_pool(tmp_path / "pool", n_shards=1, per_shard=6, corrupt=0, failed=0)
     victim = fp.success_uids(0)[2]
@@ -207,7 +207,7 @@ def test_embed_records_a_bomb_image_in_a_shard_and_embeds_the_rest(tmp_path):
 
 
 def test_reshard_refuses_non_hex_uids_in_pool_metadata_naming_them(tmp_path):
-    from curate.reshard import ReshardConfig, reshard
+    from curate.reshard.stage import ReshardConfig, reshard
     from tests.run_factory import make_subset
 
     fp = make_pool(tmp_path / "pool", n_shards=1, per_shard=5, corrupt=0, failed=0)
@@ -224,8 +224,8 @@ def test_reshard_refuses_non_hex_uids_in_pool_metadata_naming_them(tmp_path):
 
 def test_filter_refuses_non_hex_uids_in_pool_metadata_before_writing_anything(tmp_path):
     """Found by this suite: uids were validated only when uids.npy was written, after subset.parquet, and the
-    error named the subset row; curate/filter.py now checks them with the pool step, naming the file."""
-    from curate.filter import FilterConfig, filter_pool
+    error named the subset row; curate/filter/engine.py now checks them with the pool step, naming the file."""
+    from curate.filter.engine import FilterConfig, filter_pool
     from tests.metadata_factory import write_metadata
 
     rows = [{"uid": f"{i:032x}", "text": "a red cat sitting on a mat"} for i in range(6)]
@@ -247,14 +247,14 @@ _LOL = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x, x]"]
 @pytest.mark.parametrize("where", ["name", "param", "key"])
 def test_recipe_alias_bomb_is_a_quick_curate_error(tmp_path, where):
     """Found by this suite: the error message spelled out repr(value) of a 10**9-leaf alias bomb (minutes of CPU);
-    fixed in curate/recipe.py with a size-bounded repr."""
+    fixed in curate/filter/recipe.py with a size-bounded repr."""
     text = {"name": f"name: {_LOL}\nsteps: []\n", "param": f"name: x\nsteps:\n  - basic: {{min_words: {_LOL}}}\n",
             "key": f"name: x\nsteps:\n  - basic: {{? {_LOL} : 1}}\n"}[where]
     (tmp_path / "bomb.yaml").write_text(text)
     code = textwrap.dedent(f"""
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a bomb that allocates dies here, not the box
-        from curate.recipe import load_recipe
+        from curate.filter.recipe import load_recipe
         load_recipe({str(tmp_path / 'bomb.yaml')!r})
     """)
     try:

@@ -1,7 +1,7 @@
 """SIGKILL at seeded random points, rerun, and the outputs equal an uninterrupted run's; no temp files.
 
 Stages whose own tests already kill a real process are not repeated here: download
-(tests/test_download.py), embed (tests/test_embed.py), train (tests/test_train.py). The filter's and
+(tests/pool/test_download.py), embed (tests/embed/test_embed.py), train (tests/benchmark/test_train.py). The filter's and
 reshard's own tests only *simulate* a kill (files deleted by hand); here a real `curate filter` /
 `curate reshard` / `curate evaluate` / `curate submit` process is killed with SIGKILL while it works
 (submit's writes are slowed down by an injected sitecustomize so a kill can land between any two files).
@@ -206,7 +206,7 @@ def eval_world(tmp_path_factory) -> dict:
 
     from benchmark import evalsets as E
     from tests.run_factory import checkpoint_run, random_checkpoint
-    from tests.test_evalsets import make_pool_evalsets
+    from tests.benchmark.test_evalsets import make_pool_evalsets
 
     root = tmp_path_factory.mktemp("kill_eval")
     run = checkpoint_run(root / "run", random_checkpoint(root / "model.pt"))
@@ -272,7 +272,7 @@ SLOW_WRITES = """
 # (a real submit writes them all in milliseconds).
 import contextlib, os, time
 if os.environ.get("CURATE_SLOW_WRITES"):
-    import curate.atomic as a
+    import curate.core.atomic as a
     _atomic_path = a.atomic_path
     @contextlib.contextmanager
     def slow_atomic_path(dest, suffix=""):

@@ -29,10 +29,10 @@ N_EMPTY = 1_000
 
 
 def test_100k_rows_download_and_filter_reconcile(tmp_path, serve_dir):
-    from curate import uids as U
-    from curate.download import DownloadConfig, download
-    from curate.filter import FilterConfig, filter_pool
-    from curate.pool_verify import verify_pool
+    from curate.core import uids as U
+    from curate.pool.download import DownloadConfig, download
+    from curate.filter.engine import FilterConfig, filter_pool
+    from curate.pool.verify import verify_pool
 
     www = tmp_path / "www"
     www.mkdir()

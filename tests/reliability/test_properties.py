@@ -14,10 +14,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from curate import uids as U
-from curate.errors import CurateError
-from curate.filter import FilterConfig, filter_pool
-from curate.recipe import TOP_KEYS, load_filters, parse_recipe
+from curate.core import uids as U
+from curate.core.errors import CurateError
+from curate.filter.engine import FilterConfig, filter_pool
+from curate.filter.recipe import TOP_KEYS, load_filters, parse_recipe
 from tests.metadata_factory import generate_metadata, write_embeddings, write_metadata
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,7 +54,7 @@ def test_structured_recipes_parse_or_raise_curate_error(obj):
 
 
 def test_recipe_with_a_control_character_is_a_curate_error_naming_the_file():
-    """Found by this suite: a NUL escaped as yaml.ReaderError with a traceback (fixed in curate/recipe.py)."""
+    """Found by this suite: a NUL escaped as yaml.ReaderError with a traceback (fixed in curate/filter/recipe.py)."""
     with pytest.raises(CurateError, match="fuzz.yaml"):
         parse_recipe("name: a\x00b\nsteps: []\n", "fuzz.yaml")
 
@@ -161,7 +161,7 @@ def test_filter_outputs_do_not_depend_on_file_or_batch_boundaries(tmp_path_facto
     assert got[1] == ref[1]
 
 
-DESIGN_EXAMPLE = """\
+DESIGN_DOC_EXAMPLE = """\
 name: clip_l14_30pct
 pool: pool/                # may be overridden on the CLI
 steps:
@@ -174,6 +174,6 @@ steps:
 
 def test_the_design_md_recipe_example_parses():
     """Found by this suite (bare `on` read as YAML 1.1 true); fixed by the recipe owners in 466793d."""
-    r = parse_recipe(DESIGN_EXAMPLE, "design.yaml")
+    r = parse_recipe(DESIGN_DOC_EXAMPLE, "design.yaml")
     assert [s.name for s in r.steps] == ["basic", "clip_score", "dedup", "knowledge"]
     assert r.steps[2].params.on == "image"

@@ -1,0 +1,722 @@
+"""`curate download`: URL table -> POOL/ (webdataset shards + per-shard metadata), on Ray, with img2dataset.
+
+Layout written (docs/FORMATS.md, "Pools"):
+
+    POOL/shards/{shard:08d}.tar          {key}.jpg {key}.txt {key}.json (json carries the uid)
+    POOL/metadata/{shard:08d}.parquet    one row per input row of that shard, success or not
+    POOL/pool.json                       counts by status, input hash, settings, versions, timings
+
+How the work is split, and why:
+- Shard k holds input rows [k*S, (k+1)*S). A row's key is its position (shard digits + position
+  digits, img2dataset's key format), never anything derived from the row's text.
+- One Ray task per shard (our own tasks, not img2dataset's `ray_distributor`): that distributor
+  submits everything and blocks in one `ray.get`, so there is no progress, no bound on in-flight
+  shards, and its outputs (`00000.tar`, `00000.parquet`, `_stats.json`) are written in place,
+  non-atomically, under img2dataset's names. Each of our tasks runs img2dataset's own `Downloader`
+  (its thread pool, `Resizer` and `WebDatasetSampleWriter`) on one shard into a private staging
+  folder, then converts the result to the contract layout: the tar is rewritten in key order with our
+  json (uid, key, text, sizes, sha256) and renamed into place, then the metadata parquet is renamed into
+  place. The metadata file is the shard's completion marker; it records the tar's size, so a shard
+  whose tar and metadata disagree (a kill between the two renames) is redone.
+- `--retry-failed` re-runs only the failed rows of finished shards and rewrites each such shard
+  (old successes + new ones) with the same two atomic renames.
+- Safety the library lacks: img2dataset's `download_image` reads an unbounded body with urllib's
+  default opener (file:// and ftp:// handlers, 10 redirects, no byte cap), and cv2 decodes any image
+  below 2**30 pixels. While a shard runs, `download_image` is replaced by `_fetch` (http/https only,
+  capped bytes, capped redirects, whole-request deadline) and the resizer first reads the image
+  header with PIL and refuses images above the pixel cap before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+DEFAULT_MAX_PIXELS = 64_000_000
+# cv2 reads this once when it loads; it is a second line of defence behind the PIL header check.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+
+import click  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from curate.core.version import __version__  # noqa: E402
+from curate.core.atomic import TEMP_PREFIX, atomic_path, cleanup_temp_files, write_json, write_parquet  # noqa: E402
+from curate.pool.download_input import InputColumns, InputTable, read_input  # noqa: E402
+from curate.core.errors import CurateError  # noqa: E402
+
+POOL_FORMAT = "curate-pool/1"
+FAILED_STATUSES = ("failed_to_download", "failed_to_resize")
+TAR_BYTES_KEY = b"curate.tar_bytes"
+USER_AGENT_TOKEN = "curate"
+# img2dataset's default: respect X-Robots-Tag opt-outs.
+DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("url", pa.string()),
+        ("text", pa.string()),
+        ("shard", pa.int32()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+@dataclass
+class DownloadConfig:
+    """Everything `download()` needs. Fields in `CONTENT_FIELDS` define the pool's content: a resumed run
+    must use the same values (or --overwrite); the others (speed, caps, timeouts) may change between runs."""
+
+    urls: Path
+    out: Path
+    url_col: str = "url"
+    text_col: str = "text"
+    uid_col: str = "uid"
+    bbox_col: str = "face_bboxes"
+    blur_faces: bool | None = None  # None = blur when the input has a face-box column (DataComp's default)
+    shard_size: int = 10_000
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    encode_quality: int = 95
+    processes: int | None = None  # shards in flight; None = the CPUs Ray (or the machine) has
+    threads: int = 64  # download threads per shard
+    timeout: float = 10.0  # seconds for a whole request (connect, headers and body)
+    retries: int = 0
+    max_bytes: int = 16 << 20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_redirects: int = 5
+    distributor: str = "ray"  # "ray" or "multiprocessing"
+    ray_address: str | None = None
+    retry_failed: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None = when stderr is a terminal
+    echo: bool = True
+
+    CONTENT_FIELDS = ("url_col", "text_col", "uid_col", "shard_size", "image_size", "resize_mode",
+                      "resize_only_if_bigger", "encode_quality", "blur_faces")
+
+    def __post_init__(self) -> None:
+        self.urls, self.out = Path(self.urls), Path(self.out)
+        if self.shard_size < 1:
+            raise CurateError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.image_size < 1:
+            raise CurateError(f"--image-size must be at least 1, got {self.image_size}")
+        if self.distributor not in ("ray", "multiprocessing"):
+            raise CurateError(f"--distributor must be ray or multiprocessing, got {self.distributor!r}")
+        if self.processes is not None and self.processes < 1:
+            raise CurateError(f"--processes must be at least 1, got {self.processes}")
+        if self.threads < 1 or self.max_bytes < 1 or self.max_pixels < 1 or self.max_redirects < 0:
+            raise CurateError("--threads, --max-bytes and --max-pixels must be positive, --max-redirects >= 0")
+
+    def content(self) -> dict:
+        return {k: getattr(self, k) for k in self.CONTENT_FIELDS}
+
+
+@dataclass
+class ShardJob:
+    """One unit of work: download `todo` positions of shard `shard` and (re)write that shard."""
+
+    shard: int
+    pool: str
+    rows: pa.Table  # the shard's input slice: uid, url, text, status, error_message
+    todo: list[int]  # positions (within the shard) to download
+    merge: bool  # keep the existing shard's other rows and samples (--retry-failed)
+    settings: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# keys and paths
+
+
+def key_digits(shard_size: int) -> int:
+    """Digits of the position part of a key (img2dataset's oom_sample_per_shard)."""
+    return max(1, math.ceil(math.log10(shard_size))) if shard_size > 1 else 1
+
+
+def make_key(shard: int, pos: int, shard_size: int) -> str:
+    return f"{shard:08d}{pos:0{key_digits(shard_size)}d}"
+
+
+def shard_paths(pool: Path, shard: int) -> tuple[Path, Path]:
+    return pool / "shards" / f"{shard:08d}.tar", pool / "metadata" / f"{shard:08d}.parquet"
+
+
+def shard_is_done(pool: Path, shard: int) -> bool:
+    """A shard is done when its metadata exists and the tar it records is the tar on disk."""
+    tar, meta = shard_paths(pool, shard)
+    if not meta.exists() or not tar.exists():
+        return False
+    try:
+        kv = pq.read_schema(meta).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return kv.get(TAR_BYTES_KEY) == str(tar.stat().st_size).encode()
+
+
+# --------------------------------------------------------------------------------------------------
+# safe fetching and decoding, installed into img2dataset while a shard runs
+
+_LIMITS = {"max_bytes": 16 << 20, "max_redirects": 5}
+
+
+class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handler with our hop limit, following only http(s) targets."""
+
+    def __init__(self, max_redirects: int):
+        self.max_redirections = max_redirects
+        self.inf_msg = f"more than {max_redirects} redirects: "
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, "redirect to a non-http(s) URL refused", headers, fp)
+        if self.max_redirections == 0:
+            raise urllib.error.HTTPError(req.full_url, code, "redirects are disabled (--max-redirects 0)", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(max_redirects: int) -> urllib.request.OpenerDirector:
+    """An opener with only http(s) handlers: no file://, ftp:// or data: (unlike urllib's default)."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    _LimitedRedirects(max_redirects), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
+    """Drop-in for `img2dataset.downloader.download_image` (same signature and return) with caps."""
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    max_bytes = _LIMITS["max_bytes"]
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        return key, None, "only http(s) URLs are downloaded"
+    agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+    if user_agent_token:
+        agent += f" (compatible; {user_agent_token})"
+    deadline = time.monotonic() + timeout
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": agent})
+        with _opener(_LIMITS["max_redirects"]).open(request, timeout=timeout) as r:
+            if disallowed_header_directives and is_disallowed(r.headers, user_agent_token, disallowed_header_directives):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            declared = r.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                return key, None, f"response of {int(declared)} bytes is above the cap of {max_bytes} bytes"
+            buf = bytearray()
+            while chunk := r.read(min(1 << 16, max_bytes + 1 - len(buf))):
+                buf += chunk
+                if len(buf) > max_bytes:
+                    return key, None, f"response is larger than the cap of {max_bytes} bytes"
+                if time.monotonic() > deadline:
+                    return key, None, f"download took longer than the {timeout:g} s timeout"
+        return key, io.BytesIO(bytes(buf)), None
+    except Exception as err:  # noqa: BLE001 - every failure is recorded per row, like img2dataset does
+        return key, None, str(err) or type(err).__name__
+
+
+def _blurrer():
+    """img2dataset's face blurrer (boxes are relative [x1, y1, x2, y2], grown by 10% of their diagonal and
+    Gaussian-feathered, as DataComp's download does)."""
+    from img2dataset.blurrer import BoundingBoxBlurrer
+
+    return BoundingBoxBlurrer()
+
+
+def _safe_resizer_class():
+    from img2dataset.resizer import Resizer
+    from PIL import Image
+
+    class SafeResizer(Resizer):
+        """img2dataset's Resizer, but the image header is checked against a pixel cap before decoding."""
+
+        def __init__(self, *args, max_pixels: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_pixels = max_pixels
+
+        def __call__(self, img_stream, blurring_bbox_list=None):
+            img_stream.seek(0)
+            try:
+                with Image.open(img_stream) as im:  # reads the header only
+                    w, h = im.size
+            except Image.DecompressionBombError as e:
+                return None, None, None, None, None, (
+                    f"image is above the cap of {self.max_pixels} pixels (decompression bomb guard): {e}")
+            except Exception:  # noqa: BLE001 - not a format PIL knows: cv2 decides (and has its own cap)
+                w = h = 0
+            if w * h > self.max_pixels:
+                return None, None, None, None, None, (
+                    f"image is {w}x{h} = {w * h} pixels, above the cap of {self.max_pixels} pixels "
+                    "(decompression bomb guard)")
+            img_stream.seek(0)
+            return super().__call__(img_stream, blurring_bbox_list)
+
+    return SafeResizer
+
+
+@contextlib.contextmanager
+def _safe_img2dataset(max_bytes: int, max_redirects: int) -> Iterator[None]:
+    """Swap img2dataset's fetcher for `_fetch` for the duration of one shard (restored afterwards)."""
+    import img2dataset.downloader as dl
+
+    saved, saved_limits = dl.download_image, dict(_LIMITS)
+    _LIMITS.update(max_bytes=max_bytes, max_redirects=max_redirects)
+    dl.download_image = _fetch
+    try:
+        yield
+    finally:
+        dl.download_image = saved
+        _LIMITS.clear()
+        _LIMITS.update(saved_limits)
+
+
+# --------------------------------------------------------------------------------------------------
+# one shard (runs in a Ray task or a worker process)
+
+
+def run_shard(job: ShardJob) -> dict:
+    """Download one shard with img2dataset into staging, then write it into the pool atomically.
+
+    Returns counts by status of the rows downloaded in this job, for progress reporting.
+    """
+    import pyarrow.feather as feather
+
+    t0 = time.time()
+    s = job.settings
+    pool = Path(job.pool)
+    staging = pool / "_staging" / f"{job.shard:08d}-{uuid.uuid4().hex[:8]}"
+    out_dir = staging / "out"
+    out_dir.mkdir(parents=True)
+    try:
+        results: dict[int, dict] = {}
+        staged_tar = None
+        if job.todo:
+            rows = job.rows.take(pa.array(job.todo, pa.int64()))
+            columns = {"uid": rows["uid"], "caption": rows["text"], "url": rows["url"]}
+            blur = bool(s.get("blur_faces"))
+            if blur:
+                columns["face_bboxes"] = rows["face_bboxes"]
+            feather.write_feather(pa.table(columns), str(staging / "input.feather"), compression="uncompressed")
+            from img2dataset.downloader import Downloader
+            from img2dataset.writer import WebDatasetSampleWriter
+
+            resizer = _safe_resizer_class()(
+                image_size=s["image_size"], resize_mode=s["resize_mode"],
+                resize_only_if_bigger=s["resize_only_if_bigger"], encode_quality=s["encode_quality"],
+                encode_format="jpg", max_pixels=s["max_pixels"], blurrer=_blurrer() if blur else None)
+            downloader = Downloader(
+                sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=s["threads"],
+                save_caption=True, extract_exif=False, output_folder=str(out_dir),
+                column_list=list(columns), blurring_bbox_col="face_bboxes" if blur else None, timeout=s["timeout"],
+                number_sample_per_shard=s["shard_size"], oom_shard_count=8, compute_hash="sha256",
+                verify_hash_type=None, encode_format="jpg", retries=s["retries"],
+                user_agent_token=USER_AGENT_TOKEN, disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
+            with _safe_img2dataset(s["max_bytes"], s["max_redirects"]):
+                downloader.download_shard((job.shard, str(staging / "input.feather")))
+            staged_tar = out_dir / f"{job.shard:08d}.tar"
+            results = _staged_results(out_dir / f"{job.shard:08d}.parquet", job, s["shard_size"])
+        counts = _write_shard(job, results, staged_tar, s["shard_size"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"shard": job.shard, "rows": len(job.todo), "counts": counts, "seconds": time.time() - t0}
+
+
+def _staged_results(parquet: Path, job: ShardJob, shard_size: int) -> dict[int, dict]:
+    """img2dataset's per-shard parquet -> {position in shard: result row (with 'staged_key')}.
+
+    img2dataset keys rows by their index in the file we gave it; map that back to the input position.
+    """
+    base = 10 ** key_digits(shard_size) * job.shard
+    out = {}
+    for r in pq.read_table(parquet).to_pylist():
+        idx = int(r["key"]) - base
+        if not 0 <= idx < len(job.todo):
+            raise RuntimeError(f"img2dataset returned key {r['key']!r} outside shard {job.shard}")
+        r["staged_key"] = r["key"]
+        out[job.todo[idx]] = r
+    return out
+
+
+def _write_shard(job: ShardJob, results: dict[int, dict], staged_tar: Path | None, shard_size: int) -> Counter:
+    """Merge results into the shard's rows; write the tar (key order) then the metadata, each atomically."""
+    pool = Path(job.pool)
+    tar_path, meta_path = shard_paths(pool, job.shard)
+    inp = job.rows.to_pylist()
+    if job.merge:
+        old = pq.read_table(meta_path).to_pylist()
+        base = {int(r["key"][8:]): r for r in old}
+    else:
+        base = {}
+    todo = set(job.todo)
+    counts: Counter = Counter()
+    meta_rows = []
+    for pos, row in enumerate(inp):
+        key = make_key(job.shard, pos, shard_size)
+        if pos in todo:
+            r = results.get(pos)
+            m = {"uid": row["uid"], "url": row["url"], "text": row["text"], "shard": job.shard, "key": key,
+                 "status": "failed_to_download", "error_message": "the downloader returned no result for this row",
+                 "width": None, "height": None, "original_width": None, "original_height": None, "sha256": None,
+                 "_src": None}
+            if r is not None:
+                m.update({k: r.get(k) for k in ("status", "error_message", "width", "height", "original_width",
+                                                "original_height", "sha256")})
+                if m["status"] == "success":
+                    m["error_message"] = None
+                    m["_src"] = ("new", r["staged_key"])
+            counts[m["status"]] += 1
+        elif pos in base:
+            m = dict(base[pos])
+            m["_src"] = ("old", key) if m["status"] == "success" else None
+        else:
+            m = {"uid": row["uid"], "url": row["url"], "text": row["text"], "shard": job.shard, "key": key,
+                 "status": row["status"], "error_message": row["error_message"], "width": None, "height": None,
+                 "original_width": None, "original_height": None, "sha256": None, "_src": None}
+            if m["status"] is None:  # cannot happen: every non-rejected row is in todo on a fresh shard
+                raise RuntimeError(f"shard {job.shard} row {pos} was neither downloaded nor rejected")
+        meta_rows.append(m)
+
+    with contextlib.ExitStack() as stack:
+        staged = stack.enter_context(tarfile.open(staged_tar)) if staged_tar is not None else None
+        old_tar = stack.enter_context(tarfile.open(tar_path)) if job.merge and tar_path.exists() else None
+        staged_idx = {m.name: m for m in staged.getmembers()} if staged else {}
+        old_idx = {m.name: m for m in old_tar.getmembers()} if old_tar else {}
+        with atomic_path(tar_path, suffix=".tar") as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
+                for m in meta_rows:
+                    src = m["_src"]
+                    if src is None:
+                        continue
+                    which, skey = src
+                    tf, idx = (staged, staged_idx) if which == "new" else (old_tar, old_idx)
+                    member = idx.get(f"{skey}.jpg") if idx else None
+                    if member is None:
+                        m.update(status="failed_to_download", error_message="image missing from the downloader output",
+                                 width=None, height=None, sha256=None)
+                        continue
+                    image = tf.extractfile(member).read()
+                    sample_json = {k: m[k] for k in ("uid", "key", "url", "text", "shard", "width", "height",
+                                                     "original_width", "original_height", "sha256")}
+                    for ext, data in (("jpg", image), ("txt", (m["text"] or "").encode("utf-8")),
+                                      ("json", json.dumps(sample_json, sort_keys=True).encode("utf-8"))):
+                        info = tarfile.TarInfo(f"{m['key']}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644
+                        out.addfile(info, io.BytesIO(data))
+    for m in meta_rows:
+        m.pop("_src")
+    table = pa.Table.from_pylist(meta_rows, schema=METADATA_SCHEMA)
+    table = table.replace_schema_metadata({TAR_BYTES_KEY: str(tar_path.stat().st_size).encode()})
+    write_parquet(meta_path, table)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# distributors
+
+
+def _run_ray(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
+    import logging
+
+    import ray
+
+    owned = False
+    if not ray.is_initialized():
+        repo = str(Path(__file__).resolve().parents[2])
+        env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels),
+                            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}}
+        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env=env)
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **kwargs)
+        owned = True
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=2)(run_shard)
+        limit = cfg.processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pending = iter(jobs)
+        inflight = []
+        for job in pending:
+            inflight.append(remote.remote(job))
+            if len(inflight) >= limit:
+                break
+        while inflight:
+            done, inflight = ray.wait(inflight, num_returns=1)
+            try:
+                res = ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                # Finished shards are already in place; a re-run resumes from them. Ray's memory monitor
+                # killing workers on a machine near its memory limit is the usual cause.
+                raise CurateError(f"a shard task failed after retries ({type(e).__name__}: {str(e)[:500]}); "
+                                  "finished shards are kept: re-run the same command to resume") from None
+            on_done(res)
+            nxt = next(pending, None)
+            if nxt is not None:
+                inflight.append(remote.remote(nxt))
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _run_multiprocessing(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
+    procs = cfg.processes or os.cpu_count() or 1
+    if procs == 1 or len(jobs) == 1:
+        for job in jobs:
+            on_done(run_shard(job))
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(procs, len(jobs)), maxtasksperchild=5) as p:
+        for res in p.imap_unordered(run_shard, jobs):
+            on_done(res)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"curate": __version__, "python": sys.version.split()[0]}
+    for pkg in ("img2dataset", "ray", "webdataset", "pyarrow", "opencv-python-headless", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _prepare_pool(cfg: DownloadConfig, inp: InputTable) -> dict | None:
+    """Check POOL against this input/settings; return the existing pool.json (or None for a new pool)."""
+    out = cfg.out
+    pool_json = out / "pool.json"
+    ours = [out / "shards", out / "metadata", out / "_staging", pool_json]
+    if cfg.overwrite:
+        for p in ours:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        return None
+    if not pool_json.exists():
+        # empty folders are what a run that failed before its first pool.json write (a full disk) left
+        if any(p.is_dir() and any(f.is_file() and not f.name.startswith(TEMP_PREFIX) for f in p.rglob("*"))
+               for p in ours[:2]):
+            raise CurateError(f"{out}: has shards/ or metadata/ but no pool.json, so it is not a pool this command "
+                              "can resume; use --overwrite to replace them or choose another --out")
+        return None
+    try:
+        prev = json.loads(pool_json.read_text())
+    except ValueError as e:
+        raise CurateError(f"{pool_json}: unreadable ({e}); use --overwrite to start again") from None
+    if prev.get("format") != POOL_FORMAT:
+        raise CurateError(f"{pool_json}: not a {POOL_FORMAT} pool; use --overwrite to replace it")
+    if prev["input"]["sha256"] != inp.sha256:
+        raise CurateError(f"{out}: was downloaded from a different input than {cfg.urls} (input hash differs); "
+                          "use --overwrite to start again or choose another --out")
+    if prev["content_settings"] != cfg.content():
+        diff = {k: (prev["content_settings"].get(k), v) for k, v in cfg.content().items()
+                if prev["content_settings"].get(k) != v}
+        raise CurateError(f"{out}: was downloaded with other settings {diff} (was, now); "
+                          "use the same options, or --overwrite to start again")
+    return prev
+
+
+def download(cfg: DownloadConfig) -> dict:
+    """Download `cfg.urls` into the pool `cfg.out`; resumable, idempotent; returns the pool summary.
+
+    Raises CurateError if the final reconciliation (curate.pool.verify) fails.
+    """
+    from curate.pool.verify import uid_digest, verify_pool
+
+    started = time.time()
+    say = click.echo if cfg.echo else (lambda *a, **k: None)
+    inp = read_input(cfg.urls, InputColumns(cfg.url_col, cfg.text_col, cfg.uid_col, cfg.bbox_col))
+    if cfg.blur_faces and not inp.has_bboxes:
+        raise CurateError(f"{cfg.urls}: --blur-faces needs a {cfg.bbox_col!r} column of face boxes (DataComp's "
+                          "metadata has one); use --bbox-col to name it, or --no-blur-faces")
+    prev = _prepare_pool(cfg, inp)
+    n = inp.num_rows
+    n_shards = math.ceil(n / cfg.shard_size)
+    out = cfg.out
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    if (out / "_staging").exists():
+        shutil.rmtree(out / "_staging", ignore_errors=True)  # left by a killed run
+    cleanup_temp_files(out / "shards")
+    cleanup_temp_files(out / "metadata")
+
+    settings = asdict(cfg)
+    settings.update(urls=str(cfg.urls), out=str(cfg.out))
+    job_settings = {k: settings[k] for k in ("shard_size", "image_size", "resize_mode", "resize_only_if_bigger",
+                                             "encode_quality", "threads", "timeout", "retries", "max_bytes",
+                                             "max_pixels", "max_redirects")}
+    job_settings["blur_faces"] = inp.has_bboxes if cfg.blur_faces is None else cfg.blur_faces
+
+    def shard_rows(k: int) -> pa.Table:
+        return inp.table.slice(k * cfg.shard_size, cfg.shard_size)
+
+    jobs: list[ShardJob] = []
+    done_shards = 0
+    for k in range(n_shards):
+        if shard_is_done(out, k):
+            done_shards += 1
+            if cfg.retry_failed:
+                meta = pq.read_table(shard_paths(out, k)[1], columns=["key", "status"])
+                statuses = meta["status"].to_pylist()
+                todo = [int(key[8:]) for key, st in zip(meta["key"].to_pylist(), statuses) if st in FAILED_STATUSES]
+                if todo:
+                    jobs.append(ShardJob(k, str(out), shard_rows(k), todo, True, job_settings))
+            continue
+        rows = shard_rows(k)
+        todo = [i for i, st in enumerate(rows["status"].to_pylist()) if st is None]
+        jobs.append(ShardJob(k, str(out), rows, todo, False, job_settings))
+
+    if not jobs and prev is not None and prev.get("state") == "complete":
+        say(f"{out}: already up to date ({n} rows in {n_shards} shards)"
+            + ("; no failed rows to retry" if cfg.retry_failed else ""))
+        return {**prev, "up_to_date": True}
+
+    state = {
+        "format": POOL_FORMAT,
+        "state": "in_progress",
+        "input": {"path": str(cfg.urls.resolve()), "files": [f.name for f in inp.files], "sha256": inp.sha256,
+                  "rows": n, "uids_given": inp.uids_given, "uid_multiset_sha256": uid_digest(inp.table["uid"].to_pylist())},
+        "content_settings": cfg.content(),
+        "shards": n_shards,
+        "key_digits": key_digits(cfg.shard_size),
+        "runs": (prev or {}).get("runs", []),
+    }
+    write_json(out / "pool.json", state)
+
+    rows_todo = sum(len(j.todo) for j in jobs)
+    run_counts: Counter = Counter()
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    from tqdm import tqdm
+
+    bar = tqdm(total=rows_todo, unit="sample", desc="download", disable=not show, smoothing=0.1, dynamic_ncols=True)
+
+    def on_done(res: dict) -> None:
+        run_counts.update(res["counts"])
+        done = sum(run_counts.values())
+        bar.update(res["rows"])
+        bar.set_postfix(success=f"{run_counts['success'] / done:.1%}" if done else "-", shards=f"{res['shard']}")
+
+    t_dl = time.time()
+    if jobs:
+        say(f"{out}: {len(jobs)} shard(s) to {'retry' if cfg.retry_failed and done_shards == n_shards else 'download'}, "
+            f"{rows_todo} rows ({done_shards}/{n_shards} shards already done); distributor={cfg.distributor}", err=True)
+        if cfg.distributor == "ray":
+            _run_ray(cfg, jobs, on_done)
+        else:
+            _run_multiprocessing(cfg, jobs, on_done)
+    bar.close()
+    dl_seconds = time.time() - t_dl
+
+    report = verify_pool(out, expected_uids=inp.table["uid"].to_pylist(), pool_meta=state)
+    state["counts"] = dict(sorted(report.status_counts.items()))
+    state["state"] = "complete" if report.ok else "failed_verification"
+    state["versions"] = _versions()
+    run = {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
+           "download_seconds": round(dl_seconds, 3), "rows_attempted": rows_todo,
+           "samples_per_s": round(rows_todo / dl_seconds, 2) if dl_seconds > 0 and rows_todo else None,
+           "shards_run": len(jobs), "retry_failed": cfg.retry_failed, "counts": dict(run_counts),
+           "run_settings": {k: settings[k] for k in ("processes", "threads", "timeout", "retries", "max_bytes",
+                                                    "max_pixels", "max_redirects", "distributor", "ray_address")}}
+    state["runs"] = state["runs"] + [run]
+    state["timings"] = {"last_run_seconds": run["seconds"], "last_download_seconds": run["download_seconds"],
+                        "last_samples_per_s": run["samples_per_s"]}
+    write_json(out / "pool.json", state)
+    say(summary_table(state, run))
+    if not report.ok:
+        say(report.table(), err=True)
+        raise CurateError(f"{out}: reconciliation failed after download (see table above); "
+                          "re-run the same command to repair, or `curate pool verify` for details")
+    return state
+
+
+def summary_table(state: dict, run: dict) -> str:
+    counts = state.get("counts", {})
+    total = sum(counts.values()) or 1
+    lines = [f"{'status':<24} {'rows':>10} {'share':>7}"]
+    for st, c in sorted(counts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{st:<24} {c:>10} {c / total:>7.1%}")
+    lines.append(f"{'total':<24} {sum(counts.values()):>10}")
+    rate = f", {run['samples_per_s']} samples/s" if run.get("samples_per_s") else ""
+    lines.append(f"{state['shards']} shards; this run: {run['rows_attempted']} rows in "
+                 f"{run['download_seconds']:.1f} s{rate}; pool state: {state['state']}")
+    return "\n".join(lines)
+
+
+@click.command("download")
+@click.option("--urls", "urls", required=True, type=click.Path(exists=True, path_type=Path),
+              help="URL table: .parquet, .csv, .tsv or .jsonl (or a folder of them) with URL and caption columns. "
+                   "A `uid` column, if present, is kept unchanged instead of derived.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pool folder to write.")
+@click.option("--url-col", default="url", show_default=True, help="Input column holding the image URL.")
+@click.option("--text-col", default="text", show_default=True, help="Input column holding the caption.")
+@click.option("--uid-col", default="uid", show_default=True, help="Input column with given uids (used if present).")
+@click.option("--blur-faces/--no-blur-faces", default=None,
+              help="Blur the face boxes of --bbox-col in every image at download time, as DataComp does "
+                   "[default: on when the input has that column].")
+@click.option("--bbox-col", default="face_bboxes", show_default=True,
+              help="Input column of face boxes, relative [x1, y1, x2, y2] per box (DataComp's face_bboxes).")
+@click.option("--shard-size", default=10_000, show_default=True, type=int, help="Input rows per shard.")
+@click.option("--processes", default=None, type=int,
+              help="Shards downloaded at once. Default: one per CPU of the Ray cluster (or of this machine).")
+@click.option("--threads", default=64, show_default=True, type=int, help="Download threads per shard.")
+@click.option("--image-size", default=256, show_default=True, type=int, help="Output image size (pixels).")
+@click.option("--resize-mode", default="border", show_default=True,
+              type=click.Choice(["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]),
+              help="img2dataset resize mode.")
+@click.option("--resize-only-if-bigger", is_flag=True, help="Never upscale small images.")
+@click.option("--encode-quality", default=95, show_default=True, type=int, help="JPEG quality of stored images.")
+@click.option("--timeout", default=10.0, show_default=True, type=float,
+              help="Seconds allowed for one whole request (connect, headers and body).")
+@click.option("--retries", default=0, show_default=True, type=int, help="Extra attempts per failed URL.")
+@click.option("--max-bytes", default=16 << 20, show_default=True, type=int, help="Largest response body accepted.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
+              help="Largest image (width x height) decoded; bigger ones are recorded as failed_to_resize.")
+@click.option("--max-redirects", default=5, show_default=True, type=int, help="Redirect hops followed per URL.")
+@click.option("--distributor", default="ray", show_default=True, type=click.Choice(["ray", "multiprocessing"]),
+              help="Run shards as Ray tasks (local Ray, or the cluster at --ray-address) or in local processes.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. 10.0.0.1:6379 or 'auto').")
+@click.option("--retry-failed", is_flag=True,
+              help="Re-attempt the failed rows of finished shards and rewrite those shards atomically.")
+@click.option("--overwrite", is_flag=True, help="Delete this pool's shards, metadata and pool.json and start again.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+def download_cmd(**kw) -> None:
+    """Download images for a URL table into a webdataset pool, every input row accounted for.
+
+    Writes OUT/shards/{shard:08d}.tar, OUT/metadata/{shard:08d}.parquet (one row per input row: success,
+    failure or rejection, with its reason) and OUT/pool.json. Re-running the same command resumes a killed
+    run and does nothing once the pool is complete. Ends by reconciling metadata, tars and input
+    (as `curate pool verify` does) and exits non-zero if they disagree.
+    """
+    download(DownloadConfig(**kw))

@@ -1,0 +1,495 @@
+"""Reshard: copy the samples of a SUBSET out of the POOL's webdataset shards into SUBSET/shards/.
+
+Semantics follow DataComp's resharder: the subset's `uids.npy` is memory-mapped and each pool sample
+is looked up by binary search; a uid listed k > 1 times is written k times (upsampling) under the
+keys `{uid}-0 .. {uid}-{k-1}`, a uid listed once under the key `{uid}`. What differs from DataComp's
+script, and why:
+
+* The lookup is done once, up front, on the pool's metadata parquet (vectorised `np.searchsorted`
+  over every successful pool row) instead of inside the tar loop. That gives the exact output size
+  before any image is read, so output shards are balanced by sample count (every shard holds
+  `shard_size` samples but the last), and the work is split into one task per output shard that
+  any worker process can run independently.
+* One task writes one output shard atomically and then its `.stats.json`; the stats file is the
+  completion marker, so a killed run resumes with the shards it has not finished.
+* Subset uids absent from the pool are reported (`missing_uids.parquet`) and every subset row is
+  accounted for in `meta.json`: written + missing + errors == rows of uids.npy.
+
+Pool metadata is read with curate.pool.io. The tars are read here with the standard library's
+`tarfile` in seekable mode rather than with `pool_io.iter_samples` (streaming, reads every byte):
+members of samples that are not in the subset are skipped without reading their bytes, which is
+most of the cost saved when a recipe keeps a small fraction of the pool. Member names are never used
+as output paths (output names are built from validated uids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import click
+import numpy as np
+
+from curate.core.version import __version__
+from curate.core import uids as uidlib
+from curate.core.hashing import sha256_file
+from curate.core.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet
+from curate.core.errors import CurateError
+
+log = logging.getLogger(__name__)
+
+MAX_MEMBER_BYTES = 64 << 20  # a single file inside a pool shard larger than this is refused
+_EXT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_TAR_MTIME = 0  # fixed mtime: the same inputs give byte-identical shards
+
+
+@dataclass
+class ReshardConfig:
+    """Inputs of `reshard`. `pool` None means: read it from SUBSET/manifest.json."""
+
+    subset: Path
+    pool: Path | None = None
+    shard_size: int = 10_000
+    workers: int = 0  # 0: one per CPU core
+    out: Path | None = None  # default SUBSET/shards
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.subset = Path(self.subset)
+        self.pool = Path(self.pool) if self.pool is not None else None
+        self.out = Path(self.out) if self.out is not None else self.subset / "shards"
+        if self.shard_size < 1:
+            raise CurateError(f"--shard-size {self.shard_size}: must be at least 1")
+
+
+@dataclass
+class _Plan:
+    fingerprint: str
+    n_rows: int  # rows of uids.npy (with duplicates)
+    n_unique: int
+    tasks: list[dict] = field(default_factory=list)
+    missing: list[tuple[str, int]] = field(default_factory=list)  # (uid, copies)
+    pool_duplicates: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def _resolve_pool(cfg: ReshardConfig) -> Path:
+    if cfg.pool is not None:
+        pool = cfg.pool
+    else:
+        manifest = cfg.subset / "manifest.json"
+        pool_s = None
+        if manifest.exists():
+            try:
+                pool_s = json.loads(manifest.read_text()).get("pool")
+            except (json.JSONDecodeError, AttributeError):
+                pool_s = None
+        if not isinstance(pool_s, str):
+            raise CurateError(f"{cfg.subset}: no pool recorded in manifest.json; pass --pool POOL")
+        pool = Path(pool_s)
+        if not pool.is_absolute():
+            pool = (cfg.subset / pool_s) if (cfg.subset / pool_s).exists() else pool
+    from curate.pool.io import check_pool
+
+    return check_pool(pool)
+
+
+def _file_sig(p: Path) -> str:
+    st = p.stat()
+    return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_pool_metadata(pool: Path):
+    """Successful pool rows (uid, shard, key) in shard/file order, via curate.pool.io."""
+    import pyarrow as pa
+
+    from curate.pool.io import list_shards, read_metadata
+
+    files = [s.metadata for s in list_shards(pool)]
+    t = read_metadata(pool, columns=["uid", "shard", "key"], success_only=True)
+    try:
+        t = t.cast(pa.schema([("uid", pa.string()), ("shard", pa.int64()), ("key", pa.string())]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise CurateError(f"{pool}/metadata: columns uid, shard, key have unexpected types ({e})") from None
+    return t, files
+
+
+def _hex_to_struct(uids_col, source: str) -> np.ndarray:
+    """Vectorised hex uid -> DataComp (u8,u8) conversion (bytes.fromhex on the joined column)."""
+    import pyarrow.compute as pc
+
+    ok = pc.match_substring_regex(uids_col, r"^[0-9a-f]{32}$")
+    if not pc.all(ok).as_py():
+        i = int(np.argmin(np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)))
+        raise CurateError(f"{source}: row {i} has uid {uids_col[i].as_py()!r}, expected 32 lowercase hex characters")
+    raw = np.frombuffer(bytes.fromhex("".join(uids_col.to_pylist())), dtype=">u8").reshape(-1, 2)
+    out = np.empty(len(raw), dtype=uidlib.UID_DTYPE)
+    out["f0"], out["f1"] = raw[:, 0], raw[:, 1]
+    return out
+
+
+def _shard_path(pool: Path, shard: int) -> Path:
+    return pool / "shards" / f"{int(shard):08d}.tar"
+
+
+def _augmented_texts(subset: Path) -> dict[str, str]:
+    """uid -> text_augmented from SUBSET/subset.parquet, when the recipe produced that column."""
+    import pyarrow.parquet as pq
+
+    p = subset / "subset.parquet"
+    if not p.exists():
+        return {}
+    names = pq.read_schema(p).names
+    if "text_augmented" not in names:
+        return {}
+    t = pq.read_table(p, columns=["uid", "text_augmented"])
+    out: dict[str, str] = {}
+    for u, txt in zip(t["uid"].to_pylist(), t["text_augmented"].to_pylist()):
+        if txt is not None and u not in out:
+            out[u] = txt
+    return out
+
+
+def make_plan(cfg: ReshardConfig, pool: Path) -> _Plan:
+    uids_path = cfg.subset / "uids.npy"
+    subset_arr = uidlib.load(uids_path, mmap=True)  # DataComp: memory-mapped, sorted
+    meta, meta_files = _read_pool_metadata(pool)
+    pool_arr = _hex_to_struct(meta["uid"], f"{pool}/metadata")
+
+    # binary search of every pool sample in the sorted subset list; multiplicity = right - left
+    left = np.searchsorted(subset_arr, pool_arr, side="left")
+    right = np.searchsorted(subset_arr, pool_arr, side="right")
+    copies = right - left
+    hit = np.flatnonzero(copies > 0)
+    # a uid present twice in the pool is taken once (first occurrence), so counts reconcile
+    first_of_run = np.ones(len(hit), dtype=bool)
+    if len(hit):
+        _, first_idx = np.unique(left[hit], return_index=True)
+        first_of_run[:] = False
+        first_of_run[first_idx] = True
+    pool_duplicates = int((~first_of_run).sum())
+    hit = np.sort(hit[first_of_run])
+
+    # subset uids never matched -> missing
+    found = np.zeros(len(subset_arr), dtype=bool)
+    for lo, hi in zip(left[hit], right[hit]):
+        found[lo:hi] = True
+    missing_idx = np.flatnonzero(~found)
+    missing: list[tuple[str, int]] = []
+    if len(missing_idx):
+        miss_arr = np.asarray(subset_arr[missing_idx])
+        uniq, counts = np.unique(miss_arr, return_counts=True)
+        missing = list(zip(uidlib.decode(uniq), (int(c) for c in counts)))
+
+    aug = _augmented_texts(cfg.subset)
+    shard_col = meta["shard"].to_pylist()
+    key_col = meta["key"].to_pylist()
+    uid_col = meta["uid"].to_pylist()
+
+    # expand copies into output items, in pool order, then cut into shards of shard_size
+    items: list[tuple[str, str, str, str | None]] = []  # (pool shard, pool key, out key, uid)
+    for i in hit:
+        u = uid_col[i]
+        k = int(copies[i])
+        outs = [u] if k == 1 else [f"{u}-{j}" for j in range(k)]
+        for ok in outs:
+            items.append((shard_col[i], key_col[i], ok, u))
+
+    h = hashlib.sha256()
+    h.update(sha256_file(uids_path).encode())
+    if (cfg.subset / "subset.parquet").exists():
+        h.update(sha256_file(cfg.subset / "subset.parquet").encode())
+    for f in meta_files:
+        h.update(_file_sig(f).encode())
+    h.update(f"shard_size={cfg.shard_size};v={__version__}".encode())
+    fingerprint = h.hexdigest()[:16]
+
+    tasks = []
+    for start in range(0, len(items), cfg.shard_size):
+        chunk = items[start:start + cfg.shard_size]
+        sources: dict[str, dict[str, list[list]]] = {}
+        for pshard, pkey, okey, u in chunk:
+            path = str(_shard_path(pool, pshard))
+            sources.setdefault(path, {}).setdefault(pkey, []).append([okey, u, aug.get(u)])
+        tasks.append({"index": len(tasks), "sources": sources, "n_expected": len(chunk)})
+    return _Plan(fingerprint, len(subset_arr), int(len(np.unique(np.asarray(subset_arr)))) if len(subset_arr) else 0,
+                 tasks, missing, pool_duplicates)
+
+
+# ---------------------------------------------------------------------------------------------
+# one output shard (runs in a worker process)
+
+
+def _add(tw: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    ti.mtime = _TAR_MTIME
+    ti.mode = 0o444
+    tw.addfile(ti, io.BytesIO(data))
+
+
+def _emit(tw, members: dict[str, bytes], wanted: list[list], errors: list, where: dict) -> int:
+    """Write one pool sample under each of its planned output keys; return samples written."""
+    meta: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            errors.append({**where, "reason": f"bad json: {e}"})
+            return 0
+    uid = wanted[0][1]
+    if meta.get("uid", uid) != uid:
+        errors.append({**where, "reason": f"json uid {meta.get('uid')!r} differs from metadata uid {uid}"})
+        return 0
+    if not any(ext in members for ext in ("jpg", "jpeg", "png", "webp")):
+        errors.append({**where, "reason": "no image member"})
+        return 0
+    n = 0
+    for out_key, u, text_aug in wanted:
+        m = dict(meta, uid=u, key=out_key, pool_key=where["key"], pool_shard=Path(where["shard"]).name)
+        for ext, data in members.items():
+            if ext in ("json", "txt"):
+                continue
+            _add(tw, f"{out_key}.{ext}", data)
+        if text_aug is not None:
+            m["text_original"] = members.get("txt", b"").decode("utf-8", "replace")
+            txt = text_aug.encode("utf-8")
+        else:
+            txt = members.get("txt", b"")
+        _add(tw, f"{out_key}.txt", txt)
+        _add(tw, f"{out_key}.json", json.dumps(m, sort_keys=True).encode("utf-8"))
+        n += 1
+    return n
+
+
+def _read_wanted(tar_path: str, wanted: dict[str, list[list]], tw, errors: list) -> tuple[int, set]:
+    """Stream one pool tar, copying the wanted samples. Members of a sample are contiguous."""
+    written, seen = 0, set()
+    try:
+        tf = tarfile.open(tar_path, mode="r:")
+    except (OSError, tarfile.TarError) as e:
+        for key, w in wanted.items():
+            errors.append({"shard": tar_path, "key": key, "uid": w[0][1], "copies": len(w),
+                           "reason": f"cannot open shard: {e}"})
+        return 0, set(wanted)
+    cur_key: str | None = None
+    cur: dict[str, bytes] = {}
+
+    def flush():
+        nonlocal written
+        if cur_key is not None and cur_key in wanted and cur_key not in seen:
+            seen.add(cur_key)
+            where = {"shard": tar_path, "key": cur_key, "uid": wanted[cur_key][0][1],
+                     "copies": len(wanted[cur_key])}
+            written += _emit(tw, cur, wanted[cur_key], errors, where)
+
+    with tf:
+        try:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                if key != cur_key:
+                    flush()
+                    cur_key, cur = key, {}
+                if key not in wanted or key in seen:
+                    continue  # not in the subset: skip without reading the bytes
+                ext = ext.lower()
+                if not _EXT_RE.match(ext) or m.size > MAX_MEMBER_BYTES:
+                    continue
+                fh = tf.extractfile(m)
+                cur[ext] = fh.read() if fh else b""
+            flush()
+        except (OSError, tarfile.TarError, EOFError) as e:
+            errors.append({"shard": tar_path, "key": cur_key, "uid": None, "copies": 0,
+                           "reason": f"truncated or corrupt shard: {e}"})
+    return written, seen
+
+
+def run_task(task: dict, out_dir: str, fingerprint: str) -> dict:
+    """Write output shard `task['index']` and its stats file; return the stats."""
+    t0 = time.perf_counter()
+    name = f"{task['index']:08d}.tar"
+    errors: list[dict] = []
+    written = 0
+    sources_count = {}
+    with atomic_path(Path(out_dir) / name, suffix=".tar") as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tw:
+            for tar_path, wanted in task["sources"].items():
+                n, seen = _read_wanted(tar_path, wanted, tw, errors)
+                written += n
+                sources_count[Path(tar_path).name] = n
+                for key in sorted(set(wanted) - seen):
+                    if not any(e.get("key") == key and e["shard"] == tar_path for e in errors):
+                        errors.append({"shard": tar_path, "key": key, "uid": wanted[key][0][1],
+                                       "copies": len(wanted[key]), "reason": "listed in metadata, absent from shard"})
+    stats = {
+        "shard": name,
+        "fingerprint": fingerprint,
+        "n_expected": task["n_expected"],
+        "n_samples": written,
+        "n_error_rows": sum(e["copies"] for e in errors),
+        "bytes": (Path(out_dir) / name).stat().st_size,
+        "sources": sources_count,
+        "errors": errors,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json(Path(out_dir) / f"{task['index']:08d}.stats.json", stats)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# stage function
+
+
+def _done_stats(out: Path, index: int, fingerprint: str) -> dict | None:
+    p = out / f"{index:08d}.stats.json"
+    tar = out / f"{index:08d}.tar"
+    if not (p.exists() and tar.exists()):
+        return None
+    try:
+        st = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return st if st.get("fingerprint") == fingerprint else None
+
+
+def reshard(cfg: ReshardConfig) -> dict:
+    """Write SUBSET/shards/*.tar from POOL for the uids of SUBSET/uids.npy; return the summary (meta.json)."""
+    from tqdm import tqdm
+
+    pool = _resolve_pool(cfg)
+    plan = make_plan(cfg, pool)
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("fingerprint") == plan.fingerprint and all((out / s["name"]).exists() for s in old.get("shards", [])):
+            log.info("reshard: %s already up to date", out)
+            return {**old, "up_to_date": True}
+    cleanup_temp_files(out)
+    # drop shards of an older plan (different inputs or shard size) so no stale file remains
+    keep = {f"{t['index']:08d}" for t in plan.tasks}
+    for p in list(out.glob("*.tar")) + list(out.glob("*.stats.json")):
+        if p.name.split(".")[0] not in keep or _done_stats(out, int(p.name.split(".")[0]), plan.fingerprint) is None:
+            if p.name.split(".")[0].isdigit():
+                p.unlink()
+    meta_path.unlink(missing_ok=True)
+
+    results: dict[int, dict] = {}
+    todo = []
+    for t in plan.tasks:
+        st = _done_stats(out, t["index"], plan.fingerprint)
+        if st is not None:
+            results[t["index"]] = st
+        else:
+            todo.append(t)
+    resumed = len(results)
+    workers = cfg.workers or (os.cpu_count() or 1)
+    workers = max(1, min(workers, len(todo))) if todo else 1
+    bar = tqdm(total=len(plan.tasks), initial=resumed, unit="shard", desc="reshard",
+               disable=not cfg.progress or None)
+    t0 = time.perf_counter()
+    if workers == 1:
+        for t in todo:
+            results[t["index"]] = run_task(t, str(out), plan.fingerprint)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            futs = {ex.submit(run_task, t, str(out), plan.fingerprint): t["index"] for t in todo}
+            from concurrent.futures import as_completed
+
+            for f in as_completed(futs):
+                results[futs[f]] = f.result()
+                bar.update()
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    if plan.missing:
+        import pyarrow as pa
+
+        write_parquet(out / "missing_uids.parquet",
+                      pa.table({"uid": [u for u, _ in plan.missing], "copies": [c for _, c in plan.missing]}))
+    else:
+        (out / "missing_uids.parquet").unlink(missing_ok=True)
+    shards = [{"name": f"{i:08d}.tar", "n_samples": results[i]["n_samples"]} for i in sorted(results)]
+    n_written = sum(s["n_samples"] for s in shards)
+    n_missing_rows = sum(c for _, c in plan.missing)
+    n_error_rows = sum(results[i]["n_error_rows"] for i in results)
+    summary = {
+        "fingerprint": plan.fingerprint,
+        "version": __version__,
+        "subset": str(cfg.subset),
+        "pool": str(pool),
+        "shard_size": cfg.shard_size,
+        "n_subset_rows": plan.n_rows,
+        "n_subset_unique": plan.n_unique,
+        "n_written": n_written,
+        "n_missing_unique": len(plan.missing),
+        "n_missing_rows": n_missing_rows,
+        "n_error_rows": n_error_rows,
+        "pool_duplicate_rows_ignored": plan.pool_duplicates,
+        "reconciles": n_written + n_missing_rows + n_error_rows == plan.n_rows,
+        "n_shards": len(shards),
+        "shards_resumed": resumed,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(n_written / seconds, 1) if seconds > 0 and todo else None,
+        "shards": shards,
+    }
+    # open_clip_train reads sizes.json to know the dataset size: written for interop
+    write_json(out / "sizes.json", {s["name"]: s["n_samples"] for s in shards})
+    write_json(meta_path, summary)
+    return summary
+
+
+@click.command("reshard")
+@click.option("--subset", "subset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="SUBSET folder holding uids.npy (DataComp format) and optionally subset.parquet.")
+@click.option("--pool", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="POOL folder (shards/ + metadata/). Default: the pool named in SUBSET/manifest.json.")
+@click.option("--shard-size", default=10_000, show_default=True, help="Samples per output shard (the last is smaller).")
+@click.option("--workers", default=0, show_default=True, help="Worker processes; 0 = one per CPU core.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder. Default: SUBSET/shards.")
+def reshard_cmd(subset: Path, pool: Path | None, shard_size: int, workers: int, out: Path | None) -> None:
+    """Copy the subset's samples from the pool into balanced webdataset shards.
+
+    Duplicated uids in uids.npy are upsampled (keys {uid}-0, {uid}-1, ...). The caption is
+    subset.parquet's text_augmented when present. Subset uids that the pool lacks are listed in
+    shards/missing_uids.parquet; shards/meta.json reconciles every uids.npy row. Re-running with the
+    same inputs does nothing; a killed run resumes with the shards it had not finished.
+    """
+    s = reshard(ReshardConfig(subset=subset, pool=pool, shard_size=shard_size, workers=workers, out=out))
+    if s.get("up_to_date"):
+        click.echo(f"reshard: {s['n_written']} samples in {s['n_shards']} shards already up to date, nothing to do")
+        return
+    click.echo(
+        f"reshard: wrote {s['n_written']} samples in {s['n_shards']} shards "
+        f"({s['shards_resumed']} resumed) to {out or subset / 'shards'}; "
+        f"{s['n_missing_unique']} subset uids ({s['n_missing_rows']} rows) not in the pool, "
+        f"{s['n_error_rows']} rows unreadable"
+    )
+    if not s["reconciles"]:
+        raise CurateError("reshard: counts do not reconcile; see meta.json")

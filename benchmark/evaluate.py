@@ -9,10 +9,19 @@ Reliability: results are written atomically after each task, one JSON line per t
 (docs/FORMATS.md, "Evaluation results", with `model_id` so a changed checkpoint is never mixed with old scores), and a
 task already scored for the same model is not recomputed. A task whose data is absent is reported
 *missing* - never scored 0 - and each average says how many tasks it covers.
+
+Per-item results: beside the results file, `<results stem>.items/<task>.parquet` records what each item
+scored (classification: true class, predicted class, rank of the true class, group; retrieval: per image
+the best rank of any of its captions and the rank of the image for each of its captions; WinoGAViL: per
+instance the candidates, associations and hits), with the model id, task and eval-set fingerprint in the
+file's metadata. They are what `benchmark.stats` resamples for intervals and paired comparisons, and
+`metrics_from_items` recomputes every reported metric from them exactly. Each is written before its
+results line, so a results line written by this version always has its item file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +41,7 @@ from benchmark.tasks import (
     CLASSIFICATION, DATACOMP_SCORED, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task,
     resolve_tasks,
 )
-from curate.core.atomic import cleanup_temp_siblings, write_json, write_text
+from curate.core.atomic import cleanup_temp_siblings, write_json, write_parquet, write_text
 from curate.core.errors import CurateError
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "eval_results.jsonl"
 SUMMARY_FILE = "eval_summary.json"
 MAX_FAILED_KEYS = 20  # failed sample keys kept per task in the results line (the count is exact)
+ITEMS_FORMAT = 1  # version of the per-item parquet layout (docstring of `write_items`)
+ITEMS_META_KEY = b"curate.items"
 
 
 @dataclass
@@ -171,12 +182,27 @@ def encode_images(lm, evalset: EvalSet, batch_size: int, num_workers: int, progr
 # --------------------------------------------------------------------------------------------
 
 
+def _groups(metas: list, task: Task) -> np.ndarray:
+    return np.asarray([np.asarray(m).reshape(-1)[task.group_field] for m in metas]).astype(np.int64)
+
+
+def evalset_fingerprint(task: Task, prompts: dict, columns: list) -> str:
+    """Content hash of what a task was scored on: its key, prompts/class names and, per scored item,
+    its key and label (or captions, or WinoGAViL instance). Two results with the same fingerprint were
+    scored on the same items with the same labels, whatever folder or machine they came from, so a
+    paired comparison may align them item by item."""
+    h = hashlib.sha256(json.dumps({"task": task.key, **prompts}, sort_keys=True, default=str).encode())
+    for col in columns:
+        h.update(json.dumps(col, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def _group_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, metas: list) -> dict:
     if task.group_field is None:
         return {}
     if any(m is None for m in metas):
         raise CurateError(f"{task.key}: worst-group metric needs a .npy metadata row in every sample")
-    groups = np.asarray([np.asarray(m).reshape(-1)[task.group_field] for m in metas]).astype(np.int64)
+    groups = _groups(metas, task)
     correct = (M.topk_predictions(logits, task.group_topk) == labels[:, None]).any(axis=1)
     per_group = M.group_accuracies(correct, groups, exclude=task.exclude_groups)
     out = {f"acc_group_{g}": acc for g, (acc, _) in sorted(per_group.items())}
@@ -202,7 +228,14 @@ def eval_classification(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: 
         pred = M.topk_predictions(logits, 1)[:, 0]
         metrics["F1-macro_all"] = M.f1_macro(enc["labels"], pred)
     metrics.update(_group_metrics(task, logits, enc["labels"], enc["meta"]))
-    return {"metrics": metrics, "n": n, "failed": enc["failed"], "total": enc["total"]}
+    items = {"key": enc["keys"], "target": enc["labels"], "pred": np.argmax(logits, axis=1),
+             "rank": M.true_class_rank(logits, enc["labels"])}
+    if task.group_field is not None:
+        items["group"] = _groups(enc["meta"], task)
+    fp = evalset_fingerprint(task, {"classnames": es.classnames, "templates": es.templates},
+                             [enc["keys"], enc["labels"].tolist()])
+    return {"metrics": metrics, "n": n, "failed": enc["failed"], "total": enc["total"],
+            "items": items, "items_meta": {"n_classes": len(es.classnames)}, "fingerprint": fp}
 
 
 def eval_retrieval(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
@@ -216,8 +249,13 @@ def eval_retrieval(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool)
     T = encode_texts(lm, texts, cfg.batch_size)
     sim = (T @ enc["features"].T).numpy()
     metrics = M.retrieval_recall(sim, np.asarray(t2i), ks=(1, 5, 10))
+    ranks = M.retrieval_ranks(sim, np.asarray(t2i))
+    n_caps = np.asarray([len(c) for c in enc["captions"]], dtype=np.int64)
+    items = {"key": enc["keys"], "n_captions": n_caps, "text_rank": ranks["image_caption_rank"],
+             "caption_ranks": (ranks["caption_image_rank"], n_caps)}
+    fp = evalset_fingerprint(task, {}, [enc["keys"], enc["captions"]])
     return {"metrics": metrics, "n": len(enc["keys"]), "n_texts": len(texts),
-            "failed": enc["failed"], "total": enc["total"]}
+            "failed": enc["failed"], "total": enc["total"], "items": items, "items_meta": {}, "fingerprint": fp}
 
 
 def winogavil_prompt(cue: str) -> str:
@@ -231,7 +269,7 @@ def eval_winogavil(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool)
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    scores, truths, failed, total = [], [], [], 0
+    scores, truths, failed, total, keys, defs = [], [], [], 0, [], []
     with torch.no_grad(), _autocast(lm.device):
         for inst in tqdm(iter_winogavil(es), desc=task.key, disable=not progress, leave=False):
             total += 1
@@ -246,13 +284,178 @@ def eval_winogavil(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool)
             txt = encode_texts(lm, [winogavil_prompt(inst["cue"])]).to(lm.device)
             scores.append((txt @ img.T).squeeze(0).cpu().numpy())
             truths.append(np.isin(inst["candidates"], inst["associations"]))
+            keys.append(inst["key"])
+            defs.append([inst["cue"], list(inst["candidates"]), list(inst["associations"])])
     if not scores:
         raise CurateError(f"{task.key}: no usable instance in {es.root}")
-    return {"metrics": M.winogavil_jaccard(scores, truths), "n": len(scores), "failed": failed, "total": total}
+    items = {"key": keys, **M.winogavil_instances(scores, truths)}
+    return {"metrics": M.winogavil_jaccard(scores, truths), "n": len(scores), "failed": failed, "total": total,
+            "items": items, "items_meta": {}, "fingerprint": evalset_fingerprint(task, {}, [keys, defs])}
 
 
 _RUNNERS = {CLASSIFICATION: eval_classification, WILDS: eval_classification, FAIRNESS: eval_classification,
             RETRIEVAL: eval_retrieval, WINOGAVIL: eval_winogavil}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-item results
+# --------------------------------------------------------------------------------------------
+
+
+def items_dir(results_file: Path) -> Path:
+    """Folder of a results file's per-item files: `RUN/eval_results.items/` beside `RUN/eval_results.jsonl`."""
+    results_file = Path(results_file)
+    return results_file.with_name(results_file.stem + ".items")
+
+
+def items_path(results_file: Path, key: str) -> Path:
+    return items_dir(results_file) / (key.replace("/", "--") + ".parquet")
+
+
+def write_items(path: Path, items: dict, meta: dict) -> None:
+    """One task's per-item results as zstd parquet (int32 columns; `key` = the sample key).
+
+    classification/WILDS/fairness: key, target, pred, rank (0 = the true class scored highest)[, group];
+    retrieval (one row per image, the resampling unit): key, n_captions, text_rank (best rank of any of
+    the image's captions when the image is the query; -1 = no caption), caption_ranks (list: the image's
+    rank for each of its captions as query); WinoGAViL: key, n_candidates, n_associations, hits, jaccard.
+    `meta` (model_id, task, main_metric, kind, evalset_fingerprint, n, n_classes, ...) is stored as JSON
+    under the schema metadata key `curate.items`.
+    """
+    import pyarrow as pa
+
+    cols = {}
+    for name, v in items.items():
+        if name == "key":
+            cols[name] = pa.array([str(k) for k in v], pa.string())
+        elif name == "caption_ranks":
+            flat, counts = v
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(flat, dtype=np.int32)))
+        elif name == "jaccard":
+            cols[name] = pa.array(np.asarray(v, dtype=np.float64))
+        else:
+            cols[name] = pa.array(np.asarray(v).astype(np.int32))
+    table = pa.table(cols)
+    table = table.replace_schema_metadata({ITEMS_META_KEY: json.dumps({"format": ITEMS_FORMAT, **meta},
+                                                                      sort_keys=True)})
+    write_parquet(path, table, compression="zstd")
+
+
+def items_meta(path: Path) -> dict | None:
+    """The metadata of a per-item file, or None when there is none (cheap: reads only the footer)."""
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        return None
+    try:
+        md = pq.read_schema(path).metadata or {}
+        return json.loads(md[ITEMS_META_KEY])
+    except (OSError, KeyError, ValueError) as e:
+        raise CurateError(f"{path}: not a per-item results file ({e}); re-run `curate evaluate --force`") from None
+
+
+def _has_items(results_file: Path, key: str, model_id: str) -> bool:
+    try:
+        return (items_meta(items_path(results_file, key)) or {}).get("model_id") == model_id
+    except CurateError:  # unreadable: as good as absent; the hint rewrites it
+        return False
+
+
+def reevaluate_hint(results_file: Path, keys: list[str]) -> str:
+    """The command that (re)writes the per-item files of `keys` for a results file."""
+    results_file = Path(results_file)
+    where = (f"--run {results_file.parent}" if results_file.name == RESULTS_FILE and (results_file.parent / "info.json").is_file()
+             else f"--model ARCH --pretrained CHECKPOINT --out {results_file}")
+    return f"curate evaluate {where} --tasks {','.join(keys)} --force"
+
+
+def read_items(results_file: Path, key: str, model_id: str | None = None) -> tuple[dict, dict]:
+    """(columns as numpy arrays, metadata) of one task's per-item file next to `results_file`.
+
+    Raises CurateError with the re-evaluation command when the file is absent (results written before
+    per-item files existed) or belongs to another model than the results line (`model_id`).
+    `caption_ranks` comes back flattened in caption order, with `n_captions` giving each image's share.
+    """
+    import pyarrow.parquet as pq
+
+    path = items_path(results_file, key)
+    meta = items_meta(path)
+    if meta is None:
+        raise CurateError(f"{results_file}: task {key} has no per-item results ({path} not found; it was scored "
+                          f"before curate recorded them); write them with `{reevaluate_hint(results_file, [key])}`")
+    if model_id is not None and meta.get("model_id") != model_id:
+        raise CurateError(f"{path}: per-item results of model {meta.get('model_id')}, but {results_file} scored "
+                          f"{model_id}; re-run `{reevaluate_hint(results_file, [key])}`")
+    table = pq.read_table(path)
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if name == "key":
+            cols[name] = np.asarray(col.to_pylist(), dtype=object)
+        elif name == "caption_ranks":
+            cols[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            cols[name] = col.to_numpy(zero_copy_only=False).astype(np.float64 if name == "jaccard" else np.int64)
+    return cols, meta
+
+
+def main_metric_cells(task: Task, items: dict):
+    """(benchmark.stats statistic, per-item columns) of `task`'s main metric from its per-item results:
+    what `benchmark.stats` resamples for intervals and paired comparisons. Columns are in item order."""
+    from benchmark import stats as S
+
+    mm = task.main_metric
+    if task.type == RETRIEVAL:
+        if mm != "mean_recall@1":
+            raise CurateError(f"{task.key}: no item statistic for main metric {mm!r}")
+        bounds = np.concatenate([[0], np.cumsum(items["n_captions"])])
+        hits = np.add.reduceat((items["caption_ranks"] < 1).astype(np.int64), bounds[:-1]) \
+            if len(items["caption_ranks"]) else np.zeros(len(bounds) - 1, dtype=np.int64)
+        hits = np.where(items["n_captions"] > 0, hits, 0)  # reduceat repeats a value at an empty segment
+        image_hit = (items["text_rank"] >= 0) & (items["text_rank"] < 1)
+        return S.RetrievalRecall("mean"), np.c_[items["n_captions"], hits, image_hit]
+    if task.type == WINOGAVIL:
+        if mm != "jaccard_score_10-12":
+            raise CurateError(f"{task.key}: no item statistic for main metric {mm!r}")
+        return S.SubsetMean(), np.c_[items["n_candidates"] >= 10, items["jaccard"]]
+    if mm == "acc1":
+        return S.Proportion(), (items["rank"] < 1)[:, None]
+    if mm == "mean_per_class_recall":
+        return S.MeanPerClassRecall(), np.c_[items["target"], items["rank"] < 1]
+    if mm == "F1-macro_all":
+        return S.F1Macro(), np.c_[items["target"], items["pred"]]
+    if task.group_field is not None and mm == task.group_metric:
+        return S.WorstGroup(tuple(task.exclude_groups)), np.c_[items["group"], items["rank"] < task.group_topk]
+    raise CurateError(f"{task.key}: no item statistic for main metric {mm!r}")
+
+
+def metrics_from_items(task: Task, items: dict, meta: dict) -> dict:
+    """Every metric `curate evaluate` reports for `task`, recomputed from its per-item results alone.
+
+    The values equal the reported ones exactly (same booleans and labels into the same functions), which
+    is what lets a verifier or a bootstrap trust the item files.
+    """
+    if task.type == RETRIEVAL:
+        return M.retrieval_recall_from_ranks(items["caption_ranks"], items["text_rank"], ks=(1, 5, 10))
+    if task.type == WINOGAVIL:
+        return M.winogavil_summary(items["jaccard"], items["n_candidates"])
+    target, pred, rank = items["target"], items["pred"], items["rank"]
+    out = {"acc1": float((rank < 1).mean()),
+           "acc5": float((rank < 5).mean()) if meta.get("n_classes", 0) >= 5 else None,
+           "mean_per_class_recall": M.mean_per_class_recall(target, pred)}
+    if task.type == WILDS and task.main_metric == "F1-macro_all":
+        out["F1-macro_all"] = M.f1_macro(target, pred)
+    if task.group_field is not None:
+        correct = rank < task.group_topk
+        per_group = M.group_accuracies(correct, items["group"], exclude=task.exclude_groups)
+        out.update({f"acc_group_{g}": acc for g, (acc, _) in sorted(per_group.items())})
+        if not per_group:
+            raise CurateError(f"{task.key}: no group has samples in the per-item results")
+        out[task.group_metric] = min(acc for acc, _ in per_group.values())
+        if task.group_topk != 1:
+            out[f"acc_top{task.group_topk}_avg"] = float(correct.mean())
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,11 +547,15 @@ def evaluate(cfg: EvalConfig) -> dict:
             t0 = time.perf_counter()
             res = _RUNNERS[task.type](lm, task, es, cfg, progress)
             failed = res.pop("failed")
+            items, extra_meta, fp = res.pop("items"), res.pop("items_meta"), res.pop("fingerprint")
+            write_items(items_path(out, task.key), items,
+                        {"model_id": mid, "task": task.key, "main_metric": task.main_metric, "kind": task.type,
+                         "evalset_fingerprint": fp, "n": res["n"], **extra_meta})
             rec = {
                 "key": task.key, "dataset": task.name, "main_metric": task.main_metric,
                 "metrics": res.pop("metrics"), "n": res.pop("n"), "n_failed": len(failed),
                 "failed": failed[:MAX_FAILED_KEYS], "model_id": mid, "suite": task.suite,
-                "seconds": round(time.perf_counter() - t0, 3), **res,
+                "seconds": round(time.perf_counter() - t0, 3), "evalset_fingerprint": fp, **res,
             }
             if rec["n"] + rec["n_failed"] != rec.pop("total"):
                 raise AssertionError(f"{task.key}: samples not accounted for")  # a bug, not a user error
@@ -358,13 +565,29 @@ def evaluate(cfg: EvalConfig) -> dict:
     elif not out.exists() or set(results) != set(existing):  # dropped stale / --force results
         write_results(out, results)
 
+    # results reused from an older evaluation may lack their per-item file: say so, and how to write it
+    no_items = [k for k in reused if not _has_items(out, k, mid)]
     summary = {
         "model": arch, "pretrained": ckpt, "model_id": mid, "evalsets": str(root), "results_file": str(out),
         "results": results, "missing": missing, "skipped": skipped, "computed": computed, "reused": reused,
-        "aggregates": aggregates(results),
+        "no_items": no_items, "aggregates": aggregates(results), "trained_with": _trained_with(cfg.run),
     }
     write_json(out.with_name(SUMMARY_FILE), {k: v for k, v in summary.items() if k != "results"})
     return summary
+
+
+def _trained_with(run: Path | None) -> dict | None:
+    """The training run's seed and reproducibility record (benchmark/train.py), shown with its scores:
+    the same seed and data give other weights under another torch, thread count, device or CPU."""
+    if run is None:
+        return None
+    try:
+        info = json.loads((Path(run) / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or "reproducibility" not in info:
+        return None
+    return {"seed": info.get("seed"), **info["reproducibility"]}
 
 
 def _fmt(v) -> str:
@@ -386,6 +609,11 @@ def format_table(summary: dict) -> str:
         else:
             note = "complete" if agg["complete"] else f"PARTIAL: {agg['n_total'] - agg['n_tasks']} missing, not comparable"
             rows.append(f"{label}: {_fmt(agg['average']).strip()} over {agg['n_tasks']} of {agg['n_total']} tasks ({note})")
+    tw = summary.get("trained_with")
+    if tw:
+        rows.append(f"trained with: seed {tw.get('seed')}, torch {tw.get('torch')}, {tw.get('torch_threads')} intra-op "
+                    f"thread(s), device {tw.get('device')}, CPU {tw.get('cpu')}"
+                    + (f", GPU {tw['gpu']}" if tw.get("gpu") else ""))
     return "\n".join(rows)
 
 
@@ -426,4 +654,8 @@ def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, devic
     click.echo(format_table(summary))
     if summary["reused"] and not summary["computed"]:
         click.echo(f"already up to date: {len(summary['reused'])} task(s) reused from {summary['results_file']}")
+    if summary["no_items"]:
+        click.echo(f"note: {len(summary['no_items'])} reused task(s) have no per-item results (scored before curate "
+                   f"recorded them; intervals and `curate compare` need them): "
+                   f"{reevaluate_hint(Path(summary['results_file']), summary['no_items'])}")
     click.echo(f"wrote {summary['results_file']}")

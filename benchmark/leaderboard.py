@@ -7,8 +7,9 @@ tables, the file is a single portable artefact, and the same tables load in pand
                 n_tasks, n_missing, bundle, created_at, added_at)
     results(name, scale, seed, key, dataset, metric, score)      score = the value of the task's main metric
 
-`curate leaderboard` prints the ranking (mean ± std of the average over seeds), `--compare A B` the per-task
-deltas, `--html` a page with the plots inlined (average vs subset size, per-task bars, seed spread).
+`curate leaderboard` prints the ranking (mean ± std of the average over seeds), `--html` a page with the plots
+inlined (average vs subset size, per-task bars, seed spread). `curate compare A B` (defined here, analysed by
+benchmark.compare) tests whether B beats A; `curate leaderboard --compare A B` is its alias.
 """
 
 from __future__ import annotations
@@ -164,6 +165,32 @@ def compare(db: Path, a: str, b: str, scale: str | None = None) -> list[tuple[st
     return out
 
 
+def db_side(db: Path, name: str, scale: str | None = None):
+    """A submission's seeds as a benchmark.compare Side (per-task main metrics, bundle paths)."""
+    from benchmark.compare import side_from_rows
+
+    con = connect(db, read_only=True)
+    try:
+        scales = [r[0] for r in con.execute("SELECT DISTINCT scale FROM submissions WHERE name = ? ORDER BY scale",
+                                            [name]).fetchall()]
+        if not scales:
+            names = sorted(r[0] for r in con.execute("SELECT DISTINCT name FROM submissions").fetchall())
+            raise CurateError(f"no run folder or submission named {name!r} in {db} "
+                              f"(submissions: {', '.join(names) or 'none'})")
+        if scale is None and len(scales) > 1:
+            raise CurateError(f"{name!r} is on the leaderboard at scales {', '.join(scales)}; choose one with --scale")
+        sc = scale or scales[0]
+        if sc not in scales:
+            raise CurateError(f"{name!r} has no submission at scale {sc!r} (has: {', '.join(scales)})")
+        rows = con.execute(
+            """SELECT r.seed, r.key, r.metric, r.score, s.bundle FROM results r
+               JOIN submissions s ON r.name = s.name AND r.scale = s.scale AND r.seed = s.seed
+               WHERE r.name = ? AND r.scale = ? ORDER BY r.seed, r.key""", [name, sc]).fetchall()
+    finally:
+        con.close()
+    return side_from_rows(name, rows)
+
+
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -293,7 +320,8 @@ padding:3px 8px;text-align:right}}td:nth-child(2),th:nth-child(2){{text-align:le
 @click.option("--scale", help="Only submissions at this scale.")
 @click.option("--html", "html_out", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write an HTML page with plots (average vs subset size, per-task bars, seed spread).")
-@click.option("--compare", "compare_names", nargs=2, metavar="A B", help="Per-task deltas (B - A) of two submissions, averaged over seeds.")
+@click.option("--compare", "compare_names", nargs=2, metavar="A B",
+              help="Alias of `curate compare A B`: per-task, per-group and average B - A with 95% intervals and tests.")
 @click.option("--db", type=click.Path(path_type=Path, dir_okay=False),
               help="Leaderboard DuckDB file (default $CURATE_LEADERBOARD or ~/.local/share/curate/leaderboard.duckdb).")
 @click.option("--add", "add", multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
@@ -309,8 +337,7 @@ def leaderboard_command(scale: str | None, html_out: Path | None, compare_names:
     for b in add:
         add_bundle(db, b)
     if compare_names:
-        a, b = compare_names
-        click.echo(format_compare(a, b, compare(db, a, b, scale)))
+        run_compare(db, list(compare_names), scale)
         return
     rows = standings(db, scale)
     if as_json:
@@ -324,3 +351,43 @@ def leaderboard_command(scale: str | None, html_out: Path | None, compare_names:
         write_html(db, html_out, scale)
         click.echo(f"wrote {html_out}")
 
+
+
+def run_compare(db: Path, specs: list[str], scale: str | None = None, min_effect: float | None = None,
+                as_json: bool = False, seed: int = 0) -> list[dict]:
+    """Load each side (path(s) or submission name) and print benchmark.compare's report."""
+    from benchmark import compare as C
+
+    sides = [C.load_side(spec, lambda name: db_side(db, name, scale)) for spec in specs]
+    reports = C.compare(sides[0], sides[1:], C.MIN_EFFECT if min_effect is None else min_effect, seed=seed)
+    if as_json:
+        click.echo(C.to_json(reports))
+    else:
+        click.echo("\n\n".join(C.format_report(r) for r in reports))
+    return reports
+
+
+@click.command("compare")
+@click.argument("sides", nargs=-1, required=True, metavar="A B [C ...]")
+@click.option("--db", type=click.Path(path_type=Path, dir_okay=False),
+              help="Leaderboard DuckDB file for submission names (default $CURATE_LEADERBOARD or "
+                   "~/.local/share/curate/leaderboard.duckdb).")
+@click.option("--scale", help="Scale of the submissions named (needed when a name is at several scales).")
+@click.option("--min-effect", type=click.FloatRange(min=0, min_open=True), default=0.005, show_default=True,
+              help="Smallest difference worth detecting: the seeds per side that 80% power needs are computed for it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the item bootstrap.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparisons as JSON.")
+def compare_command(sides: tuple[str, ...], db: Path | None, scale: str | None, min_effect: float, seed: int,
+                    as_json: bool) -> None:
+    """Is B better than A, by how much, how sure? Each of B, C, ... is compared with A.
+
+    \b
+    A side is a RUN folder, a results .jsonl, a submission bundle, several of them joined with commas (one per
+    seed), or a submission name on the leaderboard (all its seeds). Per shared task, per DataComp group and on
+    the average: B - A, its 95% interval, a p-value (Holm-corrected over the call) and a one-line verdict.
+    With one seed per side the seed variance is unknown: no recipe verdict, only whether the two models
+    differ on these items (paired bootstrap over the per-item results).
+    """
+    if len(sides) < 2:
+        raise click.UsageError("give at least two sides: A B [C ...]")
+    run_compare(db or default_db(), list(sides), scale, min_effect, as_json, seed)

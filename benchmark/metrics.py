@@ -95,6 +95,67 @@ def worst_group_accuracy(logits, target, groups, k: int = 1, exclude: tuple[int,
     return min(acc for acc, _ in per_group.values())
 
 
+def true_class_rank(logits, target, chunk: int = 8192) -> np.ndarray:
+    """Per row, the rank (0 = best) of the true class in `topk_predictions`' order.
+
+    Rank r means the true class is in the top k exactly when r < k, for every k, with the same tie rule
+    (equal logits: lower index first), so acc@k recomputed from ranks equals `topk_accuracy`.
+    Counted, not sorted: O(n x classes), in row chunks to bound memory.
+    """
+    logits = _as_np(logits)
+    target = _as_np(target).astype(np.int64)
+    out = np.empty(len(target), dtype=np.int64)
+    cols = np.arange(logits.shape[1])
+    for i in range(0, len(target), chunk):
+        lg, t = logits[i:i + chunk], target[i:i + chunk]
+        gt = lg[np.arange(len(t)), t][:, None]
+        out[i:i + chunk] = (lg > gt).sum(axis=1) + ((lg == gt) & (cols[None, :] < t[:, None])).sum(axis=1)
+    return out
+
+
+def retrieval_ranks(similarity, text_to_image, chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Per-query ranks behind `retrieval_recall`, with its tie rule (equal scores: lower index first).
+
+    - `caption_image_rank[t]`: rank of caption t's image among all images for query t
+      (image retrieval: hit@k iff rank < k);
+    - `image_caption_rank[i]`: best rank, over image i's captions, among all captions for query i
+      (text retrieval: hit@k iff rank < k; -1 for an image without captions, never a hit).
+    """
+    sim = _as_np(similarity).astype(np.float32)
+    t2i = _as_np(text_to_image).astype(np.int64)
+    n_texts, n_images = sim.shape
+    chunk = chunk or max(1, (1 << 23) // max(n_texts, n_images))  # ~32 MB of scores per block
+    gt = sim[np.arange(n_texts), t2i]
+    img_cols = np.arange(n_images)
+    txt_rows = np.arange(n_texts)
+    cap_rank = np.empty(n_texts, dtype=np.int64)
+    txt_rank = np.empty(n_texts, dtype=np.int64)  # rank of caption t among all captions for its image
+    for i in range(0, n_texts, chunk):
+        sl = slice(i, i + chunk)
+        rows, g, tgt = sim[sl], gt[sl][:, None], t2i[sl]
+        cap_rank[sl] = (rows > g).sum(axis=1) + ((rows == g) & (img_cols[None, :] < tgt[:, None])).sum(axis=1)
+        cols = sim[:, tgt].T  # (chunk, n_texts): all captions' scores for each caption's image
+        me = txt_rows[sl][:, None]
+        txt_rank[sl] = (cols > g).sum(axis=1) + ((cols == g) & (txt_rows[None, :] < me)).sum(axis=1)
+    best = np.full(n_images, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(best, t2i, txt_rank)
+    best[best == np.iinfo(np.int64).max] = -1
+    return {"caption_image_rank": cap_rank, "image_caption_rank": best}
+
+
+def retrieval_recall_from_ranks(caption_image_rank, image_caption_rank, ks=(1, 5, 10)) -> dict:
+    """`retrieval_recall`'s numbers from the per-query ranks of `retrieval_ranks` (identical values)."""
+    cr = _as_np(caption_image_rank)
+    ir = _as_np(image_caption_rank)
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = float((cr < k).mean())
+        out[f"text_retrieval_recall@{k}"] = float(((ir >= 0) & (ir < k)).mean())
+    if 1 in ks:
+        out["mean_recall@1"] = 0.5 * (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"])
+    return out
+
+
 def retrieval_recall(similarity, text_to_image, ks=(1, 5, 10)) -> dict:
     """Image-text retrieval recall@k both ways, as clip_benchmark computes it for DataComp.
 
@@ -122,15 +183,13 @@ def retrieval_recall(similarity, text_to_image, ks=(1, 5, 10)) -> dict:
     return out
 
 
-def winogavil_jaccard(scores: list, truths: list) -> dict:
-    """WinoGAViL: per instance pick the top-n candidates (n = number of true associations) and score
-    the pick with the Jaccard index; report means overall and by candidate count (5, 6, 10, 12).
-
-    DataComp's main metric is `jaccard_score_10-12` (instances with 10 or 12 candidates).
-    """
+def winogavil_instances(scores: list, truths: list) -> dict[str, np.ndarray]:
+    """WinoGAViL per instance: pick the top-n candidates (n = number of true associations) and score
+    the pick with the Jaccard index. Returns arrays `jaccard`, `n_candidates`, `n_associations`,
+    `hits` (true associations picked) - the per-item record `curate evaluate` keeps."""
     from sklearn.metrics import jaccard_score
 
-    vals, sizes = [], []
+    vals, sizes, assoc, hits = [], [], [], []
     for s, y in zip(scores, truths):
         s = _as_np(s).astype(np.float64)
         y = _as_np(y).astype(bool)
@@ -140,7 +199,25 @@ def winogavil_jaccard(scores: list, truths: list) -> dict:
             pred[np.argsort(s, kind="stable")[-n_assoc:]] = True
         vals.append(float(jaccard_score(y, pred, zero_division=0)))
         sizes.append(len(s))
-    vals_a, sizes_a = np.asarray(vals), np.asarray(sizes)
+        assoc.append(n_assoc)
+        hits.append(int((pred & y).sum()))
+    return {"jaccard": np.asarray(vals, dtype=np.float64), "n_candidates": np.asarray(sizes, dtype=np.int64),
+            "n_associations": np.asarray(assoc, dtype=np.int64), "hits": np.asarray(hits, dtype=np.int64)}
+
+
+def winogavil_jaccard(scores: list, truths: list) -> dict:
+    """WinoGAViL: per instance pick the top-n candidates (n = number of true associations) and score
+    the pick with the Jaccard index; report means overall and by candidate count (5, 6, 10, 12).
+
+    DataComp's main metric is `jaccard_score_10-12` (instances with 10 or 12 candidates).
+    """
+    inst = winogavil_instances(scores, truths)
+    return winogavil_summary(inst["jaccard"], inst["n_candidates"])
+
+
+def winogavil_summary(jaccard, n_candidates) -> dict:
+    """WinoGAViL's reported means from per-instance Jaccard values and candidate counts."""
+    vals_a, sizes_a = np.asarray(jaccard, dtype=np.float64), np.asarray(n_candidates)
 
     def mean(mask):
         return float(vals_a[mask].mean()) if mask.any() else None

@@ -11,7 +11,7 @@ Outputs (RUN/):
     checkpoints/epoch_{k}.pt   after each of the scale's `num_checkpoints` equal segments: weights
                                (open_clip-loadable), optimizer, scaler, step; atomic
     final.pt                   the final weights only: open_clip.create_model_and_transforms(arch, pretrained=...)
-    log.jsonl                  one line per step: step, loss, lr, samples_per_s, samples_seen
+    log.jsonl                  one line per step: step, loss, lr, samples_per_s, samples_seen, logit_scale
     info.json                  scale + hyperparameters, official, subset hash, seed, versions, status
 
 Why training is cut into segments: each segment starts a fresh, seeded data loader (benchmark/data.py),
@@ -107,6 +107,27 @@ def _versions() -> dict:
 
     return {"curate": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "python": platform.python_version()}
+
+
+def reproducibility(device: str) -> dict:
+    """What else changes a run's weights at the same seed and data: torch's intra-op thread count
+    (OMP_NUM_THREADS=1 vs 2 changed weights by 7e-5), torch version, device and CPU kind.
+
+    Recorded in info.json but kept out of the fingerprint: the protocol does not fix them, and a run
+    resumed on another machine or with other threads must still resume (the change is then on record).
+    """
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device), "cpu": cpu}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda)
+    return out
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -235,10 +256,17 @@ def train(cfg: TrainConfig) -> dict:
         "scale": scale.name, "official": official, "overrides": {k: getattr(scale, k) for k in cfg.overrides}
         if not official else {}, "subset_hash": fingerprint_fields["subset_hash"], "data": str(cfg.data),
         "n_shards": len(shards), "seed": cfg.seed, "device": device, "world_size": world, "amp": use_amp,
-        "versions": _versions(), "steps": steps, "samples_seen": steps * scale.batch_size,
+        "versions": _versions(), "reproducibility": reproducibility(device),
+        "steps": steps, "samples_seen": steps * scale.batch_size,
         "checkpoints": [f"checkpoints/epoch_{k}.pt" for k in range(1, scale.num_checkpoints + 1)],
         "final_checkpoint": "final.pt", "model": scale.model,
     }
+    # a resumed run keeps the settings of its earlier sessions when they differ (its weights depend on them)
+    earlier = list((old or {}).get("reproducibility_earlier", []))
+    if old and old.get("reproducibility") and old["reproducibility"] != info["reproducibility"]:
+        earlier.append(old["reproducibility"])
+    if earlier:
+        info["reproducibility_earlier"] = earlier
     if is_main:
         write_json(info_path, info)
 

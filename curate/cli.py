@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("benchmark.submit:submit_command", "Pack a finished RUN into a verifiable submission bundle."),
     "verify": ("benchmark.submit:verify_command", "Check a submission bundle against a pool (uids, size, hashes, hyperparameters)."),
     "leaderboard": ("benchmark.leaderboard:leaderboard_command", "Local DuckDB leaderboard: ranking, --compare A B, --html."),
+    "compare": ("benchmark.leaderboard:compare_command", "Is recipe B better than A? Paired differences, 95% intervals, Holm-corrected p, seeds needed."),
     "run": ("curate.run.pipeline:run_cmd", "Recipe to leaderboard in one command: filter, reshard, train, evaluate, submit."),
     "train-scorer": ("curate.run.scorer:train_scorer_cmd", "Train a CLIP filtering network on the pool's trusted subset (offline, DFN-style)."),
     "demo": ("curate.run.demo:demo_cmd", "The whole toolkit on the built-in offline pool, ending in a leaderboard (resumable)."),

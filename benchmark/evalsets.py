@@ -524,6 +524,16 @@ class DownloadConfig:
     out: Path
     tasks: list[str] | None = None
     max_bytes: int = 32 << 30  # per file; the largest DataComp shard set file is a few GB
+    allow_loopback: bool = False  # address guard (curate.core.address_guard): allow 127.0.0.0/8 and ::1
+    allow_cidrs: tuple[str, ...] = ()  # address guard: networks allowed besides global addresses
+
+    def __post_init__(self) -> None:
+        self.allow_cidrs = self.guard().allow_cidrs  # validated (a bad CIDR is a CurateError)
+
+    def guard(self):
+        from curate.core.address_guard import AddressGuard
+
+        return AddressGuard(allow_loopback=bool(self.allow_loopback), allow_cidrs=tuple(self.allow_cidrs or ()))
 
 
 def _https(url: str) -> str:
@@ -532,17 +542,35 @@ def _https(url: str) -> str:
     return url
 
 
-def _fetch(url: str, dest: Path, max_bytes: int, sha256: str | None = None) -> None:
-    import requests
+def _open(url: str, guard):
+    """GET an https URL through the address guard (every redirect re-checked, https only, 10 hops at most).
 
+    urllib rather than `requests`: the guard pins the connection to the address it checked by replacing
+    http.client's connect, which `requests` (urllib3) has no hook for. A blocked host is a CurateError.
+    """
+    import urllib.request
+
+    from curate.core.address_guard import LimitedRedirects, blocked_reason
+
+    req = urllib.request.Request(_https(url), headers={"User-Agent": "curate-evalsets"})
+    try:
+        return guard.opener(LimitedRedirects(10, schemes=("https",))).open(req, timeout=60)
+    except OSError as e:  # URLError and HTTPError are OSErrors
+        why = blocked_reason(e)
+        if why:
+            raise CurateError(f"{url}: {why}") from None
+        raise
+
+
+def _fetch(url: str, dest: Path, max_bytes: int, sha256: str | None = None, guard=None) -> None:
+    from curate.core.address_guard import AddressGuard
     from curate.core.atomic import atomic_path
 
     h = hashlib.sha256()
-    with requests.get(_https(url), stream=True, timeout=60) as r:
-        r.raise_for_status()
+    with _open(url, guard or AddressGuard()) as r:
         size = 0
         with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-            for chunk in r.iter_content(1 << 20):
+            while chunk := r.read(1 << 20):
                 size += len(chunk)
                 if size > max_bytes:
                     raise CurateError(f"{url}: larger than the {max_bytes} byte cap")
@@ -552,14 +580,20 @@ def _fetch(url: str, dest: Path, max_bytes: int, sha256: str | None = None) -> N
                 raise CurateError(f"{url}: sha256 mismatch (got {h.hexdigest()}, expected {sha256})")
 
 
-def _lfs_pointer(url: str) -> tuple[str | None, int | None]:
+def _lfs_pointer(url: str, guard=None) -> tuple[str | None, int | None]:
     """Expected sha256 and size of a Git LFS file (the raw URL returns its pointer text)."""
-    import requests
+    import urllib.error
 
-    r = requests.get(_https(url), timeout=60)
-    if r.status_code != 200 or not r.text.startswith("version"):
+    from curate.core.address_guard import AddressGuard
+
+    try:
+        with _open(url, guard or AddressGuard()) as r:
+            text = r.read(1 << 16).decode("utf-8", "replace") if r.status == 200 else ""
+    except urllib.error.HTTPError:
         return None, None
-    info = dict(line.split(" ", 1) for line in r.text.splitlines() if " " in line)
+    if not text.startswith("version"):
+        return None, None
+    info = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
     oid = info.get("oid", "")
     return (oid.split(":", 1)[1] if ":" in oid else None), int(info.get("size", 0)) or None
 
@@ -569,6 +603,7 @@ def download(cfg: DownloadConfig) -> dict:
     from benchmark.tasks import DATACOMP_KEYS
 
     keys = [get_task(k).key for k in cfg.tasks] if cfg.tasks else DATACOMP_KEYS
+    guard = cfg.guard()
     summary = {}
     for key in keys:
         task = TASKS[key]
@@ -585,15 +620,15 @@ def download(cfg: DownloadConfig) -> dict:
         try:
             for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
                 if task.type != RETRIEVAL:
-                    _fetch(f"{base}/raw/main/{name}", folder / name, 1 << 24)
-            _fetch(f"{base}/raw/main/test/nshards.txt", folder / "test" / "nshards.txt", 1 << 10)
+                    _fetch(f"{base}/raw/main/{name}", folder / name, 1 << 24, guard=guard)
+            _fetch(f"{base}/raw/main/test/nshards.txt", folder / "test" / "nshards.txt", 1 << 10, guard=guard)
             n = int((folder / "test" / "nshards.txt").read_text().strip())
             for i in range(n):
                 dest = folder / "test" / f"{i}.tar"
-                sha, size = _lfs_pointer(f"{base}/raw/main/test/{i}.tar")
+                sha, size = _lfs_pointer(f"{base}/raw/main/test/{i}.tar", guard)
                 if dest.is_file() and sha and dest.stat().st_size == size and sha256_file(dest) == sha:
                     continue
-                _fetch(f"{base}/resolve/main/test/{i}.tar", dest, cfg.max_bytes, sha)
+                _fetch(f"{base}/resolve/main/test/{i}.tar", dest, cfg.max_bytes, sha, guard=guard)
             if task.type == RETRIEVAL:
                 write_text(folder / "dataset_type.txt", "retrieval\n")
             summary[key] = f"ok, {n} shards"
@@ -628,11 +663,19 @@ def _download_winogavil(cfg: DownloadConfig, task: Task) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Evalsets folder (default: $CURATE_EVALSETS or <repo>/work/evalsets).")
 @click.option("--tasks", "tasks", multiple=True, help="Task keys (default: all DataComp tasks). Repeatable.")
-def download_cmd(out, tasks):
+@click.option("--allow-loopback", is_flag=True, help="Let the address guard allow 127.0.0.0/8 and ::1.")
+@click.option("--allow-cidr", "allow_cidrs", multiple=True, metavar="CIDR",
+              help="Let the address guard allow this network too (e.g. a local mirror). Repeatable.")
+def download_cmd(out, tasks, allow_loopback, allow_cidrs):
     """Download DataComp's evaluation sets (needs internet; ~100 GB for all 40 tasks).
 
     Shards already on disk with a matching checksum are skipped, so an interrupted download resumes.
+    Every fetch and redirect goes through the address guard (as in `curate download`): only https, and only
+    globally routable addresses unless --allow-loopback / --allow-cidr say otherwise. Proxies from
+    https_proxy/no_proxy are used; the guard checks the target host before the proxy is contacted.
+    WinoGAViL comes through the `datasets` library's own client from huggingface.co, outside the guard.
     """
-    summary = download(DownloadConfig(out=out or default_evalsets_dir(), tasks=list(tasks) or None))
+    summary = download(DownloadConfig(out=out or default_evalsets_dir(), tasks=list(tasks) or None,
+                                      allow_loopback=allow_loopback, allow_cidrs=tuple(allow_cidrs)))
     for key, status in summary.items():
         click.echo(f"{key:50s} {status}")

@@ -172,7 +172,8 @@ def main() -> None:
             if which == "curate":
                 cmd = [PY, "-m", "curate.cli", "download", "--urls", str(urls), "--out", str(out),
                        "--processes", str(a.processes), "--threads", str(a.threads), "--shard-size", str(a.shard_size),
-                       "--image-size", str(a.image_size), "--timeout", str(a.timeout), "--distributor", a.distributor]
+                       "--image-size", str(a.image_size), "--timeout", str(a.timeout), "--distributor", a.distributor,
+                       "--allow-loopback"]
             else:
                 cmd = [PY, "-m", "perf.bench_download", "--child", "img2dataset", "--urls", str(urls), "--out", str(out),
                        "--processes", str(a.processes), "--threads", str(a.threads), "--shard-size", str(a.shard_size),

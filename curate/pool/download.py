@@ -3,6 +3,7 @@
 Layout written (docs/FORMATS.md, "Pools"):
 
     POOL/shards/{shard:08d}.tar          {key}.jpg {key}.txt {key}.json (json carries the uid)
+    POOL/shards/sizes.json               {"00000000.tar": successes, ...}: DataComp's resharder's shard table
     POOL/metadata/{shard:08d}.parquet    one row per input row of that shard, success or not
     POOL/pool.json                       counts by status, input hash, settings, versions, timings
 
@@ -25,6 +26,11 @@ How the work is split, and why:
   below 2**30 pixels. While a shard runs, `download_image` is replaced by `_fetch` (http/https only,
   capped bytes, capped redirects, whole-request deadline) and the resizer first reads the image
   header with PIL and refuses images above the pixel cap before anything is decoded.
+- The address guard (curate.core.address_guard): `_fetch` connects only to globally routable addresses it
+  resolved and checked itself, for the URL and for every redirect. A blocked row is recorded as
+  `rejected_bad_url` with the guard's reason in `error_message`; pool.json counts them under
+  `address_guard.blocked_rows`. `--allow-loopback` / `--allow-cidr` widen the policy (run settings, not
+  content: `--retry-failed` re-checks blocked rows, so a rerun with a wider policy fetches them).
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ import shutil
 import sys
 import tarfile
 import time
-import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -58,7 +63,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from curate.core.version import __version__  # noqa: E402
 from curate.core.atomic import TEMP_PREFIX, atomic_path, cleanup_temp_files, write_json, write_parquet  # noqa: E402
-from curate.pool.download_input import InputColumns, InputTable, read_input  # noqa: E402
+from curate.pool.download_input import REJECTED_URL, InputColumns, InputTable, read_input  # noqa: E402
+from curate.core.address_guard import BLOCKED_PREFIX, AddressGuard, LimitedRedirects, blocked_reason  # noqa: E402
 from curate.core.errors import CurateError  # noqa: E402
 
 POOL_FORMAT = "curate-pool/1"
@@ -110,6 +116,8 @@ class DownloadConfig:
     max_bytes: int = 16 << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_redirects: int = 5
+    allow_loopback: bool = False  # the address guard allows 127.0.0.0/8 and ::1 (the offline demo, tests)
+    allow_cidrs: tuple[str, ...] = ()  # networks the address guard allows besides global addresses
     distributor: str = "ray"  # "ray" or "multiprocessing"
     ray_address: str | None = None
     retry_failed: bool = False
@@ -132,6 +140,10 @@ class DownloadConfig:
             raise CurateError(f"--processes must be at least 1, got {self.processes}")
         if self.threads < 1 or self.max_bytes < 1 or self.max_pixels < 1 or self.max_redirects < 0:
             raise CurateError("--threads, --max-bytes and --max-pixels must be positive, --max-redirects >= 0")
+        self.allow_cidrs = self.guard().allow_cidrs  # validated and normalised (a bad CIDR is a CurateError)
+
+    def guard(self) -> AddressGuard:
+        return AddressGuard(allow_loopback=bool(self.allow_loopback), allow_cidrs=tuple(self.allow_cidrs or ()))
 
     def content(self) -> dict:
         return {k: getattr(self, k) for k in self.CONTENT_FIELDS}
@@ -181,32 +193,13 @@ def shard_is_done(pool: Path, shard: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # safe fetching and decoding, installed into img2dataset while a shard runs
 
-_LIMITS = {"max_bytes": 16 << 20, "max_redirects": 5}
+_LIMITS = {"max_bytes": 16 << 20, "max_redirects": 5, "guard": AddressGuard()}
 
 
-class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib's redirect handler with our hop limit, following only http(s) targets."""
-
-    def __init__(self, max_redirects: int):
-        self.max_redirections = max_redirects
-        self.inf_msg = f"more than {max_redirects} redirects: "
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise urllib.error.HTTPError(newurl, code, "redirect to a non-http(s) URL refused", headers, fp)
-        if self.max_redirections == 0:
-            raise urllib.error.HTTPError(req.full_url, code, "redirects are disabled (--max-redirects 0)", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _opener(max_redirects: int) -> urllib.request.OpenerDirector:
-    """An opener with only http(s) handlers: no file://, ftp:// or data: (unlike urllib's default)."""
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
-                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    _LimitedRedirects(max_redirects), urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
+def _opener(max_redirects: int, guard: AddressGuard) -> urllib.request.OpenerDirector:
+    """An opener with only http(s) handlers (no file://, ftp:// or data:, unlike urllib's default), our hop
+    limit, and the address guard on the connect of the URL and of every redirect."""
+    return guard.opener(LimitedRedirects(max_redirects))
 
 
 def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
@@ -223,7 +216,7 @@ def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
     deadline = time.monotonic() + timeout
     try:
         request = urllib.request.Request(url, headers={"User-Agent": agent})
-        with _opener(_LIMITS["max_redirects"]).open(request, timeout=timeout) as r:
+        with _opener(_LIMITS["max_redirects"], _LIMITS["guard"]).open(request, timeout=timeout) as r:
             if disallowed_header_directives and is_disallowed(r.headers, user_agent_token, disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
             declared = r.headers.get("Content-Length")
@@ -238,7 +231,7 @@ def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
                     return key, None, f"download took longer than the {timeout:g} s timeout"
         return key, io.BytesIO(bytes(buf)), None
     except Exception as err:  # noqa: BLE001 - every failure is recorded per row, like img2dataset does
-        return key, None, str(err) or type(err).__name__
+        return key, None, blocked_reason(err) or str(err) or type(err).__name__
 
 
 def _blurrer():
@@ -281,12 +274,12 @@ def _safe_resizer_class():
 
 
 @contextlib.contextmanager
-def _safe_img2dataset(max_bytes: int, max_redirects: int) -> Iterator[None]:
+def _safe_img2dataset(max_bytes: int, max_redirects: int, guard: AddressGuard) -> Iterator[None]:
     """Swap img2dataset's fetcher for `_fetch` for the duration of one shard (restored afterwards)."""
     import img2dataset.downloader as dl
 
     saved, saved_limits = dl.download_image, dict(_LIMITS)
-    _LIMITS.update(max_bytes=max_bytes, max_redirects=max_redirects)
+    _LIMITS.update(max_bytes=max_bytes, max_redirects=max_redirects, guard=guard)
     dl.download_image = _fetch
     try:
         yield
@@ -337,7 +330,8 @@ def run_shard(job: ShardJob) -> dict:
                 number_sample_per_shard=s["shard_size"], oom_shard_count=8, compute_hash="sha256",
                 verify_hash_type=None, encode_format="jpg", retries=s["retries"],
                 user_agent_token=USER_AGENT_TOKEN, disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
-            with _safe_img2dataset(s["max_bytes"], s["max_redirects"]):
+            guard = AddressGuard(allow_loopback=s["allow_loopback"], allow_cidrs=tuple(s["allow_cidrs"]))
+            with _safe_img2dataset(s["max_bytes"], s["max_redirects"], guard):
                 downloader.download_shard((job.shard, str(staging / "input.feather")))
             staged_tar = out_dir / f"{job.shard:08d}.tar"
             results = _staged_results(out_dir / f"{job.shard:08d}.parquet", job, s["shard_size"])
@@ -390,6 +384,8 @@ def _write_shard(job: ShardJob, results: dict[int, dict], staged_tar: Path | Non
                 if m["status"] == "success":
                     m["error_message"] = None
                     m["_src"] = ("new", r["staged_key"])
+                elif (m["error_message"] or "").startswith(BLOCKED_PREFIX):
+                    m["status"] = REJECTED_URL  # refused before any connect, like the input's bad URLs
             counts[m["status"]] += 1
         elif pos in base:
             m = dict(base[pos])
@@ -553,6 +549,7 @@ def download(cfg: DownloadConfig) -> dict:
 
     Raises CurateError if the final reconciliation (curate.pool.verify) fails.
     """
+    from curate.pool.shard_table import metadata_successes, shard_file_name, write_shard_table
     from curate.pool.verify import uid_digest, verify_pool
 
     started = time.time()
@@ -576,7 +573,7 @@ def download(cfg: DownloadConfig) -> dict:
     settings.update(urls=str(cfg.urls), out=str(cfg.out))
     job_settings = {k: settings[k] for k in ("shard_size", "image_size", "resize_mode", "resize_only_if_bigger",
                                              "encode_quality", "threads", "timeout", "retries", "max_bytes",
-                                             "max_pixels", "max_redirects")}
+                                             "max_pixels", "max_redirects", "allow_loopback", "allow_cidrs")}
     job_settings["blur_faces"] = inp.has_bboxes if cfg.blur_faces is None else cfg.blur_faces
 
     def shard_rows(k: int) -> pa.Table:
@@ -584,13 +581,25 @@ def download(cfg: DownloadConfig) -> dict:
 
     jobs: list[ShardJob] = []
     done_shards = 0
+    # Samples per finished shard, for the shard table (shards/sizes.json) that DataComp's resharder and
+    # open_clip_train read. Always rebuilt from the metadata of the shards on disk, never carried over from
+    # an older table, so a killed run, a resumed one and a pool from before the table existed all end right.
+    sizes: dict[int, int] = {}
+
+    def write_sizes() -> bool:
+        return write_shard_table(out / "shards", {shard_file_name(k): c for k, c in sorted(sizes.items())})
+
     for k in range(n_shards):
         if shard_is_done(out, k):
             done_shards += 1
+            sizes[k] = metadata_successes(shard_paths(out, k)[1])
             if cfg.retry_failed:
-                meta = pq.read_table(shard_paths(out, k)[1], columns=["key", "status"])
+                meta = pq.read_table(shard_paths(out, k)[1], columns=["key", "status", "error_message"])
                 statuses = meta["status"].to_pylist()
-                todo = [int(key[8:]) for key, st in zip(meta["key"].to_pylist(), statuses) if st in FAILED_STATUSES]
+                # rows the address guard blocked are re-checked too: the policy (--allow-cidr) and DNS may differ now
+                todo = [int(key[8:]) for key, st, err in zip(meta["key"].to_pylist(), statuses,
+                                                             meta["error_message"].to_pylist())
+                        if st in FAILED_STATUSES or (st == REJECTED_URL and (err or "").startswith(BLOCKED_PREFIX))]
                 if todo:
                     jobs.append(ShardJob(k, str(out), shard_rows(k), todo, True, job_settings))
             continue
@@ -599,8 +608,10 @@ def download(cfg: DownloadConfig) -> dict:
         jobs.append(ShardJob(k, str(out), rows, todo, False, job_settings))
 
     if not jobs and prev is not None and prev.get("state") == "complete":
+        wrote = write_sizes()  # a pool from before the table existed gets it here; an up-to-date one is untouched
         say(f"{out}: already up to date ({n} rows in {n_shards} shards)"
-            + ("; no failed rows to retry" if cfg.retry_failed else ""))
+            + ("; no failed rows to retry" if cfg.retry_failed else "")
+            + ("; wrote shards/sizes.json" if wrote else ""))
         return {**prev, "up_to_date": True}
 
     state = {
@@ -614,6 +625,7 @@ def download(cfg: DownloadConfig) -> dict:
         "runs": (prev or {}).get("runs", []),
     }
     write_json(out / "pool.json", state)
+    write_sizes()  # drops entries of shards about to be redone
 
     rows_todo = sum(len(j.todo) for j in jobs)
     run_counts: Counter = Counter()
@@ -623,6 +635,9 @@ def download(cfg: DownloadConfig) -> dict:
     bar = tqdm(total=rows_todo, unit="sample", desc="download", disable=not show, smoothing=0.1, dynamic_ncols=True)
 
     def on_done(res: dict) -> None:
+        # the shard's files are in place: its whole count (old successes too, under --retry-failed) goes in
+        sizes[res["shard"]] = metadata_successes(shard_paths(out, res["shard"])[1])
+        write_sizes()
         run_counts.update(res["counts"])
         done = sum(run_counts.values())
         bar.update(res["rows"])
@@ -643,12 +658,15 @@ def download(cfg: DownloadConfig) -> dict:
     state["counts"] = dict(sorted(report.status_counts.items()))
     state["state"] = "complete" if report.ok else "failed_verification"
     state["versions"] = _versions()
+    state["address_guard"] = {"allow_loopback": cfg.allow_loopback, "allow_cidrs": list(cfg.allow_cidrs),
+                              "blocked_rows": count_blocked(out, n_shards)}
     run = {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
            "download_seconds": round(dl_seconds, 3), "rows_attempted": rows_todo,
            "samples_per_s": round(rows_todo / dl_seconds, 2) if dl_seconds > 0 and rows_todo else None,
            "shards_run": len(jobs), "retry_failed": cfg.retry_failed, "counts": dict(run_counts),
            "run_settings": {k: settings[k] for k in ("processes", "threads", "timeout", "retries", "max_bytes",
-                                                    "max_pixels", "max_redirects", "distributor", "ray_address")}}
+                                                    "max_pixels", "max_redirects", "allow_loopback", "allow_cidrs",
+                                                    "distributor", "ray_address")}}
     state["runs"] = state["runs"] + [run]
     state["timings"] = {"last_run_seconds": run["seconds"], "last_download_seconds": run["download_seconds"],
                         "last_samples_per_s": run["samples_per_s"]}
@@ -661,6 +679,21 @@ def download(cfg: DownloadConfig) -> dict:
     return state
 
 
+def count_blocked(pool: Path, n_shards: int) -> int:
+    """Rows of the pool's metadata that the address guard refused (rejected_bad_url with the guard's reason)."""
+    import pyarrow.compute as pc
+
+    n = 0
+    for k in range(n_shards):
+        meta = shard_paths(pool, k)[1]
+        if meta.exists():
+            t = pq.read_table(meta, columns=["status", "error_message"])
+            hit = pc.and_(pc.equal(t["status"], REJECTED_URL),
+                          pc.starts_with(pc.fill_null(t["error_message"], ""), BLOCKED_PREFIX))
+            n += int(pc.sum(hit).as_py() or 0)
+    return n
+
+
 def summary_table(state: dict, run: dict) -> str:
     counts = state.get("counts", {})
     total = sum(counts.values()) or 1
@@ -668,6 +701,10 @@ def summary_table(state: dict, run: dict) -> str:
     for st, c in sorted(counts.items(), key=lambda kv: -kv[1]):
         lines.append(f"{st:<24} {c:>10} {c / total:>7.1%}")
     lines.append(f"{'total':<24} {sum(counts.values()):>10}")
+    blocked = (state.get("address_guard") or {}).get("blocked_rows")
+    if blocked:
+        lines.append(f"{blocked} of the {REJECTED_URL} rows were refused by the address guard (not globally "
+                     "routable; see their error_message, and --allow-loopback / --allow-cidr)")
     rate = f", {run['samples_per_s']} samples/s" if run.get("samples_per_s") else ""
     lines.append(f"{state['shards']} shards; this run: {run['rows_attempted']} rows in "
                  f"{run['download_seconds']:.1f} s{rate}; pool state: {state['state']}")
@@ -704,11 +741,18 @@ def summary_table(state: dict, run: dict) -> str:
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
               help="Largest image (width x height) decoded; bigger ones are recorded as failed_to_resize.")
 @click.option("--max-redirects", default=5, show_default=True, type=int, help="Redirect hops followed per URL.")
+@click.option("--allow-loopback", is_flag=True,
+              help="Let the address guard allow 127.0.0.0/8 and ::1 (a local test server, the offline demo). "
+                   "Without it every address that is not globally routable is refused.")
+@click.option("--allow-cidr", "allow_cidrs", multiple=True, metavar="CIDR",
+              help="Let the address guard allow this network too (e.g. 10.20.0.0/16 for an internal mirror). "
+                   "Repeatable; a bad CIDR is an error.")
 @click.option("--distributor", default="ray", show_default=True, type=click.Choice(["ray", "multiprocessing"]),
               help="Run shards as Ray tasks (local Ray, or the cluster at --ray-address) or in local processes.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. 10.0.0.1:6379 or 'auto').")
 @click.option("--retry-failed", is_flag=True,
-              help="Re-attempt the failed rows of finished shards and rewrite those shards atomically.")
+              help="Re-attempt the failed rows of finished shards (and the rows the address guard blocked) "
+                   "and rewrite those shards atomically.")
 @click.option("--overwrite", is_flag=True, help="Delete this pool's shards, metadata and pool.json and start again.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
 def download_cmd(**kw) -> None:
@@ -718,5 +762,14 @@ def download_cmd(**kw) -> None:
     failure or rejection, with its reason) and OUT/pool.json. Re-running the same command resumes a killed
     run and does nothing once the pool is complete. Ends by reconciling metadata, tars and input
     (as `curate pool verify` does) and exits non-zero if they disagree.
+
+    Address guard: each URL's host, and each redirect's, is resolved once and the connection goes only to
+    an address that was checked; loopback, private, link-local (cloud metadata 169.254.169.254), CGNAT
+    100.64.0.0/10, 0.0.0.0/8, multicast, reserved and documentation addresses (also in IPv4-mapped, 6to4
+    and NAT64 form) are refused. The row is recorded as rejected_bad_url with the reason, and pool.json
+    counts them (address_guard.blocked_rows). --allow-loopback and --allow-cidr widen the policy.
+    Proxies from http_proxy/https_proxy/no_proxy are used; the guard applies to the target host, which is
+    checked before the proxy is contacted (the proxy resolves it again itself, so pinning to the checked
+    address holds for direct connections only).
     """
     download(DownloadConfig(**kw))

@@ -4,7 +4,9 @@ The invariant (issue 3), also checked at the end of every `curate download`:
 1. the metadata rows are the input rows: same count and same uid multiset (against the input itself
    when the caller has it, else against the count and uid-multiset digest recorded in pool.json);
 2. every `success` row has its complete sample ({key}.jpg, .txt, .json with the same uid) in its shard's tar;
-3. no tar holds a sample without a `success` row, and every shard has both its tar and its metadata.
+3. no tar holds a sample without a `success` row, and every shard has both its tar and its metadata;
+4. the shard table `shards/sizes.json` (curate.pool.shard_table), when present, lists exactly the shards
+   that have metadata, each with its count of `success` rows. A pool without it only gets a warning.
 
 Tars are read with the standard library's tarfile, member by member: only the small .json members are
 read into memory, and member names are checked (no paths), never used as file names.
@@ -25,6 +27,7 @@ import click
 import pyarrow.parquet as pq
 
 from curate.core.errors import CurateError
+from curate.pool.shard_table import SIZES_FILE, read_shard_table, shard_file_name
 
 _MEMBER_RE = re.compile(r"^([0-9]+)\.([a-z0-9.]+)$")
 REQUIRED_EXTS = ("jpg", "txt", "json")
@@ -50,7 +53,9 @@ class VerifyReport:
     missing_samples: list[str] = field(default_factory=list)  # success rows whose sample is absent/incomplete
     orphan_samples: list[str] = field(default_factory=list)  # tar samples with no success row
     uid_mismatch: list[str] = field(default_factory=list)
+    sizes_table: str = "ok"  # "ok", "missing" (a warning) or "wrong" (a problem): shards/sizes.json
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth fixing, but every row is still accounted for
 
     @property
     def ok(self) -> bool:
@@ -72,10 +77,13 @@ class VerifyReport:
             ("tar samples without row", str(len(self.orphan_samples)), "ok" if not self.orphan_samples else "FAIL"),
             ("shards missing metadata", str(len(self.missing_metadata)), "ok" if not self.missing_metadata else "FAIL"),
             ("shards missing tar", str(len(self.missing_tars)), "ok" if not self.missing_tars else "FAIL"),
+            (f"shard table shards/{SIZES_FILE}", self.sizes_table,
+             {"ok": "ok", "missing": "WARN"}.get(self.sizes_table, "FAIL")),
         ]
         w = max(len(r[0]) for r in rows)
         lines = [f"reconciliation of {self.pool} ({self.shards} shards)"]
         lines += [f"  {a:<{w}}  {b:>10}  {c}" for a, b, c in rows]
+        lines += [f"WARNING: {m}" for m in self.warnings]
         if self.problems:
             lines.append(f"FAILED: {len(self.problems)} problem(s)")
             lines += [f"  - {p}" for p in self.problems[:20]]
@@ -91,7 +99,8 @@ class VerifyReport:
             "metadata_rows": self.metadata_rows, "success_rows": self.success_rows, "tar_samples": self.tar_samples,
             "status_counts": dict(self.status_counts), "missing_samples": self.missing_samples,
             "orphan_samples": self.orphan_samples, "missing_metadata": self.missing_metadata,
-            "missing_tars": self.missing_tars, "problems": self.problems,
+            "missing_tars": self.missing_tars, "sizes_table": self.sizes_table, "problems": self.problems,
+            "warnings": self.warnings,
         }
 
 
@@ -134,6 +143,55 @@ def _scan_tar(path: Path, report: VerifyReport, shard: int) -> dict[str, dict]:
     return samples
 
 
+def _sizes_fix(pool: Path, pool_meta: dict) -> str:
+    urls = pool_meta.get("input", {}).get("path", "URLS")
+    return (f"re-run the `curate download --urls {urls} --out {pool}` command that made this pool, with its options "
+            "(pool.json content_settings): on a complete pool it downloads nothing and only rewrites the table "
+            "from the metadata")
+
+
+def _check_sizes_table(report: VerifyReport, pool_meta: dict, successes: dict[int, int]) -> None:
+    """Check shards/sizes.json against the metadata: one entry per shard with metadata, count = success rows.
+
+    Missing is a warning, not a failure, the same way verify treats the other things a pool may lack
+    (pool.json's uid-multiset digest is checked only when it is there): verify fails when rows are lost,
+    duplicated or unreadable, and a missing table loses nothing. It is derived data, rebuilt from the
+    metadata by any re-run of `curate download`, and pools written before the table existed are otherwise
+    whole. A table that is present but wrong is a failure: DataComp's resharder and open_clip_train trust
+    its counts (offsets and epoch sizes), so a wrong one silently mis-sizes whatever reads it.
+    """
+    try:
+        table = read_shard_table(report.pool / "shards")
+    except CurateError as e:
+        report.sizes_table = "wrong"
+        report.problems.append(f"{e}; to fix it, {_sizes_fix(report.pool, pool_meta)}")
+        return
+    if table is None:
+        report.sizes_table = "missing"
+        report.warnings.append(f"shards/{SIZES_FILE} is missing: DataComp's resharder cannot size this pool's shards "
+                               f"without it (it stops on an IndexError); to write it, {_sizes_fix(report.pool, pool_meta)}")
+        return
+    shard_of = {shard_file_name(k): k for k in range(report.shards)}
+    no_metadata = set(report.missing_metadata)
+    wrong = []
+    for name, count in sorted(table.items()):
+        k = shard_of.get(name)
+        if k is None:
+            wrong.append(f"{name} is listed but is not a shard of this pool ({report.shards} shards)")
+        elif k in no_metadata:
+            wrong.append(f"{name} is listed but shard {k:08d} has no metadata")
+        elif k in successes and count != successes[k]:
+            wrong.append(f"{name} is listed with {count} samples, its metadata has {successes[k]} success rows")
+    listed = {shard_of[n] for n in table if n in shard_of}
+    for k in sorted(successes.keys() - listed):
+        wrong.append(f"{shard_file_name(k)} is not listed (its metadata has {successes[k]} success rows)")
+    if wrong:
+        report.sizes_table = "wrong"
+        report.problems += [f"shards/{SIZES_FILE}: {w}" for w in wrong]
+        report.problems.append(f"shards/{SIZES_FILE} disagrees with the metadata in {len(wrong)} entr"
+                               f"{'y' if len(wrong) == 1 else 'ies'}; to fix it, {_sizes_fix(report.pool, pool_meta)}")
+
+
 def verify_pool(pool: str | Path, expected_uids: list[str] | None = None, pool_meta: dict | None = None,
                 progress: bool = False) -> VerifyReport:
     """Reconcile POOL; returns a report (never raises for an inconsistent pool, only for a missing one)."""
@@ -149,6 +207,7 @@ def verify_pool(pool: str | Path, expected_uids: list[str] | None = None, pool_m
     n_shards = int(pool_meta["shards"])
     report = VerifyReport(pool=pool, shards=n_shards, expected_rows=pool_meta.get("input", {}).get("rows"))
     all_uids: list[str] = []
+    successes: dict[int, int] = {}  # shard -> success rows, for shards whose metadata could be read
 
     from tqdm import tqdm
 
@@ -181,6 +240,7 @@ def verify_pool(pool: str | Path, expected_uids: list[str] | None = None, pool_m
                 for u, key, st in zip(uids, keys, statuses):
                     if st == "success":
                         success[key] = u
+                successes[k] = statuses.count("success")
         report.success_rows += len(success)
         samples = _scan_tar(tar_path, report, k) if tar_path.exists() else {}
         report.tar_samples += len(samples)
@@ -200,12 +260,13 @@ def verify_pool(pool: str | Path, expected_uids: list[str] | None = None, pool_m
         d = pool / sub
         if d.is_dir():
             for p in sorted(d.iterdir()):
-                if p.name.startswith(".tmp-"):
+                if p.name.startswith(".tmp-") or (sub == "shards" and p.name == SIZES_FILE):
                     continue
                 stem = p.name[: -len(suffix)] if p.name.endswith(suffix) else None
                 if stem is None or not stem.isdigit() or len(stem) != 8 or int(stem) >= n_shards:
                     report.problems.append(f"{sub}/{p.name}: not a shard of this pool ({n_shards} shards)")
 
+    _check_sizes_table(report, pool_meta, successes)
     if report.missing_samples:
         report.problems.append(f"{len(report.missing_samples)} success row(s) without a complete sample in their tar: "
                                f"{_examples(report.missing_samples)}")
@@ -237,7 +298,9 @@ def verify_pool(pool: str | Path, expected_uids: list[str] | None = None, pool_m
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def verify_cmd(pool: Path, as_json: bool) -> None:
     """Check that a downloaded pool is whole: metadata rows = input rows (uid multiset), every success row
-    has its sample in its tar, no tar sample lacks a row. Prints the reconciliation; exits 1 if it fails."""
+    has its sample in its tar, no tar sample lacks a row, shards/sizes.json (the shard table DataComp's
+    resharder reads) matches the metadata. Prints the reconciliation; exits 1 if it fails (a missing
+    sizes.json is only a warning)."""
     report = verify_pool(pool, progress=sys.stderr.isatty())
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
     if not report.ok:

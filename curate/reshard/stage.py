@@ -45,6 +45,7 @@ from curate.core import uids as uidlib
 from curate.core.hashing import sha256_file
 from curate.core.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet
 from curate.core.errors import CurateError
+from curate.pool.shard_table import write_shard_table
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ def _hex_to_struct(uids_col, source: str) -> np.ndarray:
     """Vectorised hex uid -> DataComp (u8,u8) conversion (bytes.fromhex on the joined column)."""
     import pyarrow.compute as pc
 
-    ok = pc.match_substring_regex(uids_col, r"^[0-9a-f]{32}$")
+    if len(uids_col) == 0:  # a pool with no successful rows (pc.all of nothing is null, not true)
+        return np.empty(0, dtype=uidlib.UID_DTYPE)
+    ok = pc.fill_null(pc.match_substring_regex(uids_col, r"^[0-9a-f]{32}$"), False)  # a null uid is bad too
     if not pc.all(ok).as_py():
         i = int(np.argmin(np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)))
         raise CurateError(f"{source}: row {i} has uid {uids_col[i].as_py()!r}, expected 32 lowercase hex characters")
@@ -458,8 +461,8 @@ def reshard(cfg: ReshardConfig) -> dict:
         "samples_per_s": round(n_written / seconds, 1) if seconds > 0 and todo else None,
         "shards": shards,
     }
-    # open_clip_train reads sizes.json to know the dataset size: written for interop
-    write_json(out / "sizes.json", {s["name"]: s["n_samples"] for s in shards})
+    # the shard table open_clip_train and DataComp's resharder read for the dataset size, as the pool's is written
+    write_shard_table(out, {s["name"]: s["n_samples"] for s in shards})
     write_json(meta_path, summary)
     return summary
 

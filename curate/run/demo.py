@@ -124,7 +124,8 @@ def demo(cfg: DemoConfig) -> dict:
     with _serving(build, cfg.port, needed=not _pool_complete(pool)):
         log.run("download (img2dataset, served on 127.0.0.1)",
                 lambda: download(DownloadConfig(urls=build / "urls.parquet", out=pool, image_size=cfg.image_size,
-                                                distributor=cfg.distributor, progress=cfg.progress, echo=False)),
+                                                distributor=cfg.distributor, progress=cfg.progress, echo=False,
+                                                allow_loopback=True)),  # the pool is served on 127.0.0.1
                 lambda s: ", ".join(f"{k} {v}" for k, v in (s.get("counts") or {}).items()))
     sc = log.run(f"train-scorer ({cfg.scale}, trusted subset)",
                  lambda: train_scorer(ScorerConfig(pool=pool, out=scorer, scale=cfg.scale, device=cfg.device,

@@ -264,7 +264,7 @@ def _download(urls: Path, out: Path, **kw):
 
     return download(DownloadConfig(urls=urls, out=out, distributor="multiprocessing", processes=1, threads=4,
                                    timeout=5.0, shard_size=8, image_size=128, resize_mode="no", progress=False,
-                                   echo=False, **kw))
+                                   echo=False, allow_loopback=True, **kw))
 
 
 def test_given_uids_survive_and_faces_are_blurred_by_default(served, tmp_path):

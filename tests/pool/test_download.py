@@ -58,7 +58,7 @@ def free_port() -> int:
 
 def cfg(urls: Path, out: Path, **kw) -> DownloadConfig:
     base = dict(distributor="multiprocessing", processes=1, threads=16, timeout=2.0, shard_size=8,
-                image_size=32, max_bytes=300_000, progress=False, echo=False)
+                image_size=32, max_bytes=300_000, progress=False, echo=False, allow_loopback=True)
     base.update(kw)
     return DownloadConfig(urls=urls, out=out, **base)
 
@@ -148,7 +148,7 @@ def test_pool_layout_loads_in_pandas_duckdb_and_webdataset(status_pool):
     counts = dict(con.sql(f"select status, count(*) from read_parquet('{pool}/metadata/*.parquet') group by 1").fetchall())
     assert sum(counts.values()) == len(cases) and counts["success"] == N_IMAGES + 1
     names = sorted(p.name for p in (pool / "shards").iterdir())
-    assert names == [f"{k:08d}.tar" for k in range(len(names))]
+    assert names == [f"{k:08d}.tar" for k in range(len(names) - 1)] + ["sizes.json"]  # + the shard table
     meta = {r["key"]: r for r in read_pool(pool)[0].to_pylist()}
     seen = 0
     for s in wds.WebDataset([str(p) for p in sorted((pool / "shards").glob("*.tar"))], shardshuffle=False):
@@ -222,7 +222,7 @@ def test_kill_and_resume_gives_the_same_pool(tmp_path, serve_dir):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "curate.cli", "download", "--urls", str(urls), "--out", str(killed),
            "--shard-size", "2", "--distributor", "multiprocessing", "--processes", "1", "--threads", "2",
-           "--image-size", "32", "--timeout", "5"]
+           "--image-size", "32", "--timeout", "5", "--allow-loopback"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90
@@ -300,6 +300,7 @@ def test_cli_download_help_and_bad_input(tmp_path):
 
     r = CliRunner().invoke(main, ["download", "--help"])
     assert r.exit_code == 0 and "--retry-failed" in r.output and "--ray-address" in r.output
+    assert "--allow-loopback" in r.output and "--allow-cidr" in r.output and "address guard" in r.output
     (tmp_path / "u.csv").write_text("address,text\nhttp://h/1,a\n")
     r = CliRunner().invoke(main, ["download", "--urls", str(tmp_path / "u.csv"), "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and "missing column(s) 'url'" in r.output and "Traceback" not in r.output
@@ -368,7 +369,7 @@ def test_two_node_ray_cluster_produces_the_same_pool(tmp_path, serve_dir):
                        capture_output=True, timeout=120)
         r = subprocess.run([sys.executable, "-m", "curate.cli", "download", "--urls", str(urls), "--out",
                             str(tmp_path / "ray_pool"), "--ray-address", f"127.0.0.1:{port}", "--shard-size", "4",
-                            "--image-size", "32", "--threads", "8", "--timeout", "5"],
+                            "--image-size", "32", "--threads", "8", "--timeout", "5", "--allow-loopback"],
                            env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         info = json.loads((tmp_path / "ray_pool" / "pool.json").read_text())

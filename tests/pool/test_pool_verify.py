@@ -38,7 +38,7 @@ def pool(tmp_path_factory):
         pq.write_table(pa.table({"url": [f"{base}/i{i}.png" for i in range(10)] + [f"{base}/gone.png"],
                                  "text": [f"image {i}" for i in range(11)]}), urls)
         download(DownloadConfig(urls=urls, out=root / "pool", shard_size=4, image_size=16, distributor="multiprocessing",
-                                processes=1, threads=8, progress=False, echo=False))
+                                processes=1, threads=8, progress=False, echo=False, allow_loopback=True))
     return root / "pool"
 
 

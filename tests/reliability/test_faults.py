@@ -248,7 +248,8 @@ def _stage_case(stage: str, inp: dict, tmp: Path, serve_dir=None) -> tuple[list[
                                 for i in range(24)))
         pool = tmp / "pool"
         return (cli + ["download", "--urls", str(urls), "--out", str(pool), "--shard-size", "4", "--distributor",
-                       "multiprocessing", "--processes", "1", "--threads", "2", "--image-size", "32"],
+                       "multiprocessing", "--processes", "1", "--threads", "2", "--image-size", "32",
+                       "--allow-loopback"],
                 lambda: (pool / "pool.json").exists() and json.loads((pool / "pool.json").read_text())["state"]
                 == "complete")
     if stage == "embed":

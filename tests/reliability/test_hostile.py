@@ -96,7 +96,8 @@ def _captions_end_to_end(tmp_path, serve_dir, captions: list[str]) -> None:
     pq.write_table(pa.table({"url": urls, "text": texts}), tmp_path / "urls.parquet")
     pool = tmp_path / "pool"
     s = download(DownloadConfig(urls=tmp_path / "urls.parquet", out=pool, distributor="multiprocessing", processes=1,
-                                threads=4, timeout=5.0, shard_size=4, image_size=32, progress=False, echo=False))
+                                threads=4, timeout=5.0, shard_size=4, image_size=32, progress=False, echo=False,
+                                allow_loopback=True))
     assert sum(s["counts"].values()) == len(urls)
     assert verify_pool(pool).ok
     meta = pq.read_table(pool / "metadata").to_pylist()

@@ -65,7 +65,7 @@ def test_100k_rows_download_and_filter_reconcile(tmp_path, serve_dir):
     pool = tmp_path / "pool"
     s = download(DownloadConfig(urls=tmp_path / "urls.parquet", out=pool, distributor="multiprocessing",
                                 processes=2, threads=32, timeout=10.0, shard_size=10_000, image_size=8,
-                                progress=False, echo=False))
+                                progress=False, echo=False, allow_loopback=True))
     counts = s["counts"]
     assert sum(counts.values()) == N_ROWS
     assert counts["success"] == N_FETCHED and counts["failed_to_download"] == N_404

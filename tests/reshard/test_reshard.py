@@ -149,3 +149,16 @@ def test_cli_and_uid_with_path_chars_cannot_escape(pool_and_subset):
         with tarfile.open(tar) as tf:
             for name in tf.getnames():
                 assert "/" not in name and ".." not in name
+
+
+def test_pool_with_no_successful_rows_reshards_to_nothing_and_reconciles(tmp_path):
+    # every row failed to download (e.g. every URL refused): reshard must report all uids missing, not crash
+    fp = make_pool(tmp_path / "pool", n_shards=2, per_shard=4, corrupt=0, failed=4)
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    uidlib.save(subset / "uids.npy", fp.failed_uids[:3])
+    s = reshard(ReshardConfig(subset=subset, pool=fp.pool, shard_size=7, workers=1, progress=False))
+    assert s["n_written"] == 0 and s["n_missing_unique"] == 3 and s["reconciles"]
+    tars = sorted((subset / "shards").glob("*.tar"))
+    assert not tars or _read_shards(subset / "shards") == []
+    assert sum(json.loads((subset / "shards" / "sizes.json").read_text()).values()) == 0

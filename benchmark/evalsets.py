@@ -9,7 +9,8 @@ here from real local data are scored by the same code path.
   image is recorded (its key and reason) and skipped, never fatal and never silently lost.
 - `build_offline(cfg)` writes Fashion-MNIST (Debian), scikit-learn's digits, and the held-out splits
   of the offline pool build (POOLBUILD/evalsets/<task>/) in that layout. Idempotent: a folder whose
-  sources are unchanged is "already up to date".
+  sources are unchanged is "already up to date". Suite v2 (benchmark/tasks.py SUITE_V2_GROUPS) adds
+  the large pool's splits and Animal-MNIST, with chance levels computed from each built set.
 - `download(cfg)` fetches DataComp's sets for users with internet (not exercised in tests).
 """
 
@@ -34,7 +35,8 @@ import numpy as np
 from curate.core.hashing import sha256_file
 from curate.pool.io import decode_image  # the pool's pixel-capped decoder; ImageDecodeError is a ValueError
 from benchmark.tasks import (
-    CLASSIFICATION, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task, get_task,
+    CLASSIFICATION, FAIRNESS, OFFLINE_KEYS, OFFLINE_V2, OFFLINE_V2_KEYS, RETRIEVAL, SUITE_V2_GROUPS,
+    SUITE_V2_HEADLINE, SUITE_V2_REASONS, TASKS, WILDS, WINOGAVIL, Task, get_task,
 )
 from curate.core.atomic import write_json, write_text
 from curate.core.errors import CurateError, MissingDependencyError
@@ -46,6 +48,15 @@ IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 BUILD_VERSION = 1  # bump when the offline builder's output changes, to rebuild old folders
 SHARD_SIZE = 5000
 SMALL_SET_BYTES = 4 << 20  # below this, decode in-process (see iter_batches)
+
+# PyPI animal-mnist 0.4 (MIT): only its wheel is downloaded (`make setup`: pip download --no-deps;
+# installing it would pull tensorflow). Its two gzip'd numpy pickles are read from the zip with an
+# unpickler that allows nothing but numpy's array reconstruction.
+ANIMAL_MNIST_WHEEL = "animal_mnist-0.4-py3-none-any.whl"
+ANIMAL_MNIST_SHA256 = "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce"
+ANIMAL_MNIST_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+ANIMAL_MNIST_INSTALL = ("make setup   (runs: .venv/bin/python -m pip download --no-deps --only-binary=:all: "
+                        "--dest .deps/pypi animal-mnist==0.4)")
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -68,6 +79,21 @@ TEMPLATES: dict[str, list[str]] = {
     "offline/flags_country": [
         "the flag of {c}.", "a flag of {c}.", "the national flag of {c}.", "an emoji flag of {c}.",
         "a picture of the flag of {c}.",
+    ],
+    # suite v2 (classification tasks; retrieval tasks use their captions)
+    "offline_v2/animal_silhouettes": [
+        "a silhouette of a {c}.", "a black and white picture of a {c}.", "the shape of a {c}.",
+        "a small drawing of a {c}.", "a {c}.",
+    ],
+    "offline_v2/emoji_heldout": [
+        "an emoji of {c}.", "{c} emoji.", "a picture of {c}.", "an icon of {c}.", "a cartoon image of {c}.",
+    ],
+    "offline_v2/icon_heldout": [
+        "an icon of {c}.", "a {c} icon.", "a pictogram of {c}.", "a simple drawing of {c}.", "{c}.",
+    ],
+    "offline_v2/flag_styles": [
+        "the flag of {c}.", "a flag of {c}.", "the national flag of {c}.", "a picture of the flag of {c}.",
+        "a round flag of {c}.",
     ],
 }
 
@@ -103,11 +129,13 @@ def _read_lines(path: Path) -> list[str] | None:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def open_evalset(task: Task, root: str | os.PathLike) -> EvalSet:
+def open_evalset(task: Task, root: str | os.PathLike, allow_missing_shards: bool = False) -> EvalSet:
     """Locate `task` under `root` and validate its layout.
 
     Raises MissingEvalSet when the folder or its shards are absent, CurateError naming the file
     when they are present but broken (bad nshards.txt, no class names for a classifier, ...).
+    `allow_missing_shards`: keep the shards of nshards.txt that exist instead of refusing (curate evaluate
+    then counts the items against the expected size and refuses, or marks the set partial).
     """
     folder = Path(root) / task.folder
     test = folder / "test"
@@ -121,8 +149,9 @@ def open_evalset(task: Task, root: str | os.PathLike) -> EvalSet:
             raise CurateError(f"{nshards_file}: expected an integer shard count") from None
         shards = [test / f"{i}.tar" for i in range(n)]
         absent = [s.name for s in shards if not s.is_file()]
-        if absent:
+        if absent and not allow_missing_shards:
             raise CurateError(f"{task.key}: {nshards_file} says {n} shards but {', '.join(absent[:5])} missing")
+        shards = [s for s in shards if s.is_file()]
     else:
         shards = sorted(test.glob("*.tar"), key=lambda p: (len(p.name), p.name))
     if not shards:
@@ -394,6 +423,79 @@ def _build_digits(cfg: BuildOfflineConfig, task: Task) -> dict:
     return {"status": "built", "n": n}
 
 
+def animal_mnist_wheel() -> Path:
+    """$CURATE_ANIMAL_MNIST, else $CURATE_DEPS/pypi/<wheel>, else <repo>/.deps/pypi/<wheel>."""
+    env = os.environ.get("CURATE_ANIMAL_MNIST")
+    if env:
+        return Path(env)
+    deps = os.environ.get("CURATE_DEPS")
+    return (Path(deps) if deps else REPO_ROOT / ".deps") / "pypi" / ANIMAL_MNIST_WHEEL
+
+
+def _restricted_numpy_load(data: bytes, where: str) -> np.ndarray:
+    import pickle
+
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise CurateError(f"{where}: refuses to unpickle {module}.{name} (only numpy arrays are allowed)")
+            if name == "_reconstruct":
+                from numpy.core.multiarray import _reconstruct  # noqa: PLC0415 - numpy's own array rebuild
+
+                return _reconstruct
+            return getattr(np, name)
+
+    arr = _Unpickler(io.BytesIO(data)).load()
+    if not isinstance(arr, np.ndarray):
+        raise CurateError(f"{where}: expected a numpy array, got {type(arr).__name__}")
+    return arr
+
+
+def read_animal_mnist(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N x 28 x 28, labels int) from the animal-mnist wheel, checked by its sha256."""
+    import zipfile
+
+    if not wheel.is_file():
+        raise MissingDependencyError(f"PyPI animal-mnist 0.4 wheel ({wheel})", ANIMAL_MNIST_INSTALL)
+    if sha256_file(wheel) != ANIMAL_MNIST_SHA256:
+        raise CurateError(f"{wheel}: sha256 differs from the pinned animal-mnist 0.4 wheel "
+                          f"({ANIMAL_MNIST_SHA256[:16]}...); download it again with: {ANIMAL_MNIST_INSTALL}")
+    base = "animal_mnist/data/Animal_MNIST/"
+    with zipfile.ZipFile(wheel) as z:
+        images = _restricted_numpy_load(gzip.decompress(z.read(base + "animal_data_version_3.gz")), str(wheel))
+        labels = _restricted_numpy_load(gzip.decompress(z.read(base + "animal_label_version_3.gz")), str(wheel))
+    images = np.asarray(images)
+    if images.ndim == 2 and images.shape[1] == 784:
+        images = images.reshape(-1, 28, 28)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise CurateError(f"{wheel}: unexpected arrays {images.shape} / {np.shape(labels)}")
+    return images.astype(np.uint8), np.asarray(labels).astype(np.int64).reshape(-1)
+
+
+def _build_animal_mnist(cfg: BuildOfflineConfig, task: Task) -> dict:
+    wheel = animal_mnist_wheel()
+    folder = cfg.out / task.folder
+    if not wheel.is_file():  # optional for the v1 suite: reported as missing, with the install command
+        return {"status": "missing", "reason": f"{wheel} not found; install it with: {ANIMAL_MNIST_INSTALL}"}
+    fp = _fingerprint([wheel], {"limit": cfg.limit})
+    if not cfg.force and _up_to_date(folder, fp):
+        return {"status": "up_to_date", "n": json.loads((folder / "build.json").read_text())["n"]}
+    images, labels = read_animal_mnist(wheel)
+    if labels.min() < 0 or labels.max() >= len(ANIMAL_MNIST_CLASSES):
+        raise CurateError(f"{wheel}: labels outside 0..{len(ANIMAL_MNIST_CLASSES) - 1}")
+    n = len(images) if cfg.limit is None else min(cfg.limit, len(images))
+    # --limit: a seeded sample (the file is sorted by class, so a prefix would be one class)
+    pick = np.sort(np.random.default_rng(0).permutation(len(images))[:n]) if n < len(images) else np.arange(n)
+    info = {"fingerprint": fp, "source": f"{wheel} (animal-mnist 0.4, MIT)"}
+    info["chance"] = chance_levels(task, [int(labels[i]) for i in pick], len(ANIMAL_MNIST_CLASSES))
+    samples = ({"__key__": f"{k:06d}", "png": _png(images[i]), "cls": str(int(labels[i]))} for k, i in enumerate(pick))
+    n = write_evalset(folder, samples, ANIMAL_MNIST_CLASSES, TEMPLATES[task.key], build_info=info)
+    return {"status": "built", "n": n, "chance": info["chance"]}
+
+
 def _safe_member(base: Path, rel: str, where: str) -> Path:
     """Resolve `rel` under `base`, refusing absolute paths and `..` escapes."""
     p = (base / rel).resolve()
@@ -421,6 +523,8 @@ def _build_pool_task(cfg: BuildOfflineConfig, task: Task) -> dict:
     if need - cols:
         raise CurateError(f"{index}: missing column(s) {sorted(need - cols)} (has {sorted(cols)})")
     rows = table.to_pylist()
+    if not rows:  # a held-out split the pool's data left empty: the task is missing, not failed
+        return {"status": "missing", "reason": f"{index} has no rows"}
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
     classnames = None
@@ -429,8 +533,15 @@ def _build_pool_task(cfg: BuildOfflineConfig, task: Task) -> dict:
         if not classnames:
             raise CurateError(f"{src / 'classnames.txt'} is missing or empty")
     skipped: list[dict] = []
+    build_info = {"fingerprint": fp, "source": str(src), "skipped": skipped}
+    labels: list[int] = []
 
     def samples():
+        yield from _pool_samples()
+        if task.suite == OFFLINE_V2:  # runs before write_evalset writes build.json
+            build_info["chance"] = chance_levels(task, labels, len(classnames) if classnames else len(labels))
+
+    def _pool_samples():
         for i, row in enumerate(rows):
             where = f"{index} row {i}"
             path = _safe_member(src, str(row["image"]), where)
@@ -452,23 +563,86 @@ def _build_pool_task(cfg: BuildOfflineConfig, task: Task) -> dict:
                     skipped.append({"row": i, "image": row["image"], "reason": "empty caption"})
                     continue
                 s["txt"] = caption
+                labels.append(len(labels))
             else:
                 label = row["label"]
                 if label is None or not 0 <= int(label) < len(classnames):
                     raise CurateError(f"{where}: label {label!r} outside 0..{len(classnames) - 1} "
                                       f"({len(classnames)} class names in classnames.txt)")
                 s["cls"] = str(int(label))
+                labels.append(int(label))
             yield s
 
     n = write_evalset(folder, samples(), classnames, TEMPLATES.get(task.key),
                       dataset_type=RETRIEVAL if task.type == RETRIEVAL else CLASSIFICATION,
-                      build_info={"fingerprint": fp, "source": str(src), "skipped": skipped})
-    return {"status": "built", "n": n, "skipped": len(skipped)}
+                      build_info=build_info)
+    out = {"status": "built", "n": n, "skipped": len(skipped)}
+    if "chance" in build_info:
+        out["chance"] = build_info["chance"]
+    return out
+
+
+def chance_levels(task: Task, labels: list[int], n_classes: int) -> dict:
+    """Expected metrics of a random scorer on the set as built (uniform over its classes / items).
+
+    Classification: acc1 = mean_per_class_recall = 1/C, acc5 = 5/C; also the majority-class acc1
+    (what always answering the most common class scores). Retrieval (one caption per image):
+    recall@k = min(k, n)/n both ways. "main" is the value for the task's main metric.
+    """
+    n = len(labels)
+    if task.type == RETRIEVAL:
+        out = {}
+        for k in (1, 5, 10):
+            r = min(k, n) / n if n else None
+            out[f"image_retrieval_recall@{k}"] = out[f"text_retrieval_recall@{k}"] = r
+        out["mean_recall@1"] = out["image_retrieval_recall@1"]
+    else:
+        c = max(1, n_classes)
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=c) if n else np.zeros(c)
+        out = {"acc1": 1 / c, "acc5": min(5, c) / c if c >= 5 else None, "mean_per_class_recall": 1 / c,
+               "majority_acc1": float(counts.max() / n) if n else None}
+    out["main"] = out.get(task.main_metric)
+    return out
+
+
+def _labels_in_shards(folder: Path) -> list[int]:
+    """The .cls labels of a built task folder (for chance levels of sets built elsewhere)."""
+    import tarfile
+
+    labels = []
+    for shard in sorted((folder / "test").glob("*.tar"), key=lambda p: (len(p.name), p.name)):
+        with tarfile.open(shard) as tf:
+            for m in tf:
+                if m.name.endswith(".cls"):
+                    labels.append(int(tf.extractfile(m).read().decode().strip()))
+    return labels
+
+
+def _suite_v2_summary(cfg: "BuildOfflineConfig", summary: dict) -> dict:
+    """offline_suite_v2.json: each v2 task's group, reason, size and chance level as built."""
+    tasks = {}
+    for group, keys in SUITE_V2_GROUPS.items():
+        for key in keys:
+            info = summary.get(key, {})
+            task = TASKS[key]
+            entry = {"group": group, "reason": SUITE_V2_REASONS[key], "status": info.get("status"),
+                     "n": info.get("n"), "main_metric": task.main_metric}
+            folder = cfg.out / task.folder
+            if info.get("status") in ("built", "up_to_date") and (folder / "build.json").is_file():
+                built = json.loads((folder / "build.json").read_text())
+                chance = built.get("chance")
+                if chance is None:  # out-of-domain sets are built by their own builders
+                    classnames = _read_lines(folder / "classnames.txt") or []
+                    chance = chance_levels(task, _labels_in_shards(folder), len(classnames))
+                entry["chance"] = chance
+            tasks[key] = entry
+    return {"headline": SUITE_V2_HEADLINE, "groups": SUITE_V2_GROUPS, "tasks": tasks}
 
 
 _BUILDERS = {
     "offline/fashion_mnist": _build_fashion_mnist,
     "offline/digits": _build_digits,
+    "offline_v2/animal_silhouettes": _build_animal_mnist,
 }
 
 
@@ -477,15 +651,24 @@ def build_offline(cfg: BuildOfflineConfig) -> dict:
     cfg.out = Path(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for key in OFFLINE_KEYS:
+    # suite v2 goes with a large pool: built when --pool-dir holds its splits (curate pool
+    # build-offline --size large / large-mini), so the v1 suite's commands build what they did
+    v2_pool = cfg.pool_dir is not None and any(
+        (Path(cfg.pool_dir) / "evalsets" / k.split("/", 1)[1] / "index.parquet").is_file()
+        for k in OFFLINE_V2_KEYS if k not in OFFLINE_KEYS)
+    for key in OFFLINE_KEYS + [k for k in OFFLINE_V2_KEYS if k not in OFFLINE_KEYS]:
         task = TASKS[key]
-        if key in _BUILDERS:
+        if key not in OFFLINE_KEYS and not v2_pool:
+            summary[key] = {"status": "missing",
+                            "reason": "suite v2: give --pool-dir a `curate pool build-offline --size large` pool"}
+        elif key in _BUILDERS:
             summary[key] = _BUILDERS[key](cfg, task)
         elif cfg.pool_dir is None:
             summary[key] = {"status": "missing", "reason": "no --pool-dir given (held-out split of the pool build)"}
         else:
             summary[key] = _build_pool_task(cfg, task)
     write_json(cfg.out / "offline_suite.json", summary)
+    write_json(cfg.out / "offline_suite_v2.json", _suite_v2_summary(cfg, summary))
     return summary
 
 
@@ -503,6 +686,11 @@ def build_offline_cmd(out, pool_dir, limit, force):
     Fashion-MNIST test set (Debian dataset-fashion-mnist), scikit-learn's 1,797 handwritten digits
     (an MNIST stand-in), and the pool build's held-out splits. Score them with
     `curate evaluate --tasks offline`. Re-running with unchanged sources does nothing.
+
+    Suite v2: with a `--size large` (or large-mini) pool as --pool-dir, also its in-domain and
+    style-shift sets, plus Animal-MNIST silhouettes; each task's chance level goes to its build.json
+    and to offline_suite_v2.json (groups and headline: benchmark/tasks.py). Score them with
+    `curate evaluate --tasks offline_v2`.
     """
     out = out or default_evalsets_dir()
     summary = build_offline(BuildOfflineConfig(out=out, pool_dir=pool_dir, limit=limit, force=force))
@@ -510,6 +698,8 @@ def build_offline_cmd(out, pool_dir, limit, force):
         extra = f" ({info['skipped']} skipped, see build.json)" if info.get("skipped") else ""
         what = {"built": f"built, {info.get('n')} samples", "up_to_date": f"already up to date, {info.get('n')} samples",
                 "missing": f"not built: {info.get('reason')}"}[info["status"]]
+        if info.get("chance"):
+            extra += f" (chance {TASKS[key].main_metric} {info['chance']['main']:.4f})"
         click.echo(f"{key:32s} {what}{extra}")
     click.echo(f"wrote {out}")
 

@@ -40,6 +40,12 @@ RETRIEVAL_GROUP = "retrieval"
 
 DATACOMP = "datacomp"
 OFFLINE = "offline"
+OFFLINE_V2 = "offline_v2"
+
+# Offline suite v2 groups (see SUITE_V2 below for the rule and the reasons).
+IN_DOMAIN = "in_domain"
+STYLE_SHIFT = "style_shift"
+OUT_OF_DOMAIN = "out_of_domain"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class Task:
     exclude_groups: tuple[int, ...] = ()
     group_metric: str | None = None  # name of the worst-group metric this task reports
     download: str | None = None  # source of the test set for `curate evalsets download`
+    reason: str = ""  # offline suite v2: why the task is in the suite (see SUITE_V2 below)
 
     @property
     def scored(self) -> bool:
@@ -125,7 +132,7 @@ _DATACOMP: list[Task] = [
     # DataComp loads these two from the Hugging Face datasets nlphuji/flickr30k and
     # nlphuji/mscoco_2014_5k_test_image_text_retrieval; we read the same test splits as
     # clip_benchmark retrieval webdatasets (one image, its captions one per line in .txt).
-    Task("retrieval/flickr30k", "Flickr", RETRIEVAL, "mean_recall@1", 31014, groups=(RETRIEVAL_GROUP,),
+    Task("retrieval/flickr30k", "Flickr", RETRIEVAL, "mean_recall@1", 1000, groups=(RETRIEVAL_GROUP,),
          classnames_source="-", templates_source="- (captions are the queries)",
          download="huggingface.co/datasets/clip-benchmark/wds_flickr30k"),
     Task("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", RETRIEVAL, "mean_recall@1", 5000,
@@ -168,10 +175,72 @@ _OFFLINE: list[Task] = [
          suite=OFFLINE, classnames_source="-", templates_source="- (captions are the queries)"),
 ]
 
-TASKS: dict[str, Task] = {t.key: t for t in _DATACOMP + _OFFLINE}
+# Offline suite v2: built from the large pool (`curate pool build-offline --size large`, its
+# POOL/evalsets/) by `curate evalsets build-offline --pool-dir POOL`. The rule for the groups:
+#   in_domain      concepts held out of every pool source (by the normalised concept key of
+#                  curate/pool/offline/concepts.py), drawn in the pool's own styles and sets
+#   style_shift    concepts the pool has, drawn in styles or icon sets held out of the pool
+#   out_of_domain  concepts the pool lacks (digits, clothing photos): reported, not in the headline
+# The headline is the unweighted mean of the main metric over in_domain + style_shift (a clip-art
+# pool cannot teach out-of-domain tasks; they show it). Sizes are whatever the built set holds
+# (<= 2,000 per task); each task's chance level is computed from the built set and written to its
+# build.json ("chance"). Classification uses balanced accuracy (classes have 1-4 images each).
+_V2_TEMPLATES = "benchmark/evalsets.py TEMPLATES"
+
+
+def _v2(name, title, type_, group, reason, main=None) -> Task:
+    main = main or ("mean_recall@1" if type_ == RETRIEVAL else "mean_per_class_recall")
+    return Task(f"offline_v2/{name}", title, type_, main, 0, groups=(group,), suite=OFFLINE_V2,
+                classnames_source="-" if type_ == RETRIEVAL else "pool build held-out split",
+                templates_source="- (captions are the queries)" if type_ == RETRIEVAL else _V2_TEMPLATES,
+                reason=reason)
+
+
+_OFFLINE_V2: list[Task] = [
+    _v2("emoji_heldout", "Held-out emoji concepts -> name", CLASSIFICATION, IN_DOMAIN,
+        "zero-shot naming of emoji whose concept no pool row shows, in the pool's own emoji styles: does the "
+        "subset teach names beyond the concepts it holds"),
+    _v2("icon_heldout", "Held-out icon concepts -> name", CLASSIFICATION, IN_DOMAIN,
+        "the pool's bulk is named icons; concepts drawn in >= 2 icon sets are held out of every source, so "
+        "recognising them needs generalisation across the icon domain"),
+    _v2("tuxpaint_heldout", "Held-out Tux Paint stamp <-> caption retrieval", RETRIEVAL, IN_DOMAIN,
+        "clean, human-written captions of held-out drawings (their concepts removed from every source): "
+        "image-text alignment on the pool's cleanest source"),
+    _v2("openmoji_line", "OpenMoji line art <-> name retrieval", RETRIEVAL, STYLE_SHIFT,
+        "concepts the pool has in colour, drawn as black line art that never enters the pool: robustness "
+        "to losing colour cues"),
+    _v2("fluent_contrast", "Fluent high-contrast emoji <-> name retrieval", RETRIEVAL, STYLE_SHIFT,
+        "the same Fluent art as the pool's flat style, as high-contrast silhouettes held out of every "
+        "source (iconify's copy included)"),
+    _v2("iconset_shift", "Held-out icon sets <-> name retrieval", RETRIEVAL, STYLE_SHIFT,
+        "concepts the pool has, drawn by icon sets held out of the pool (pixel art, line emoji, IconPark)"),
+    _v2("flag_styles", "Flags in held-out styles -> country", CLASSIFICATION, STYLE_SHIFT,
+        "countries whose emoji flags are in the pool, drawn by flag sets held out of it (rectangular and "
+        "circular flags)"),
+    _v2("animal_silhouettes", "Animal-MNIST silhouettes -> animal", CLASSIFICATION, STYLE_SHIFT,
+        "ten animals the pool draws as emoji and icons, as 28 px silhouettes from a package the pool never "
+        "reads (PyPI animal-mnist): shape without colour, detail or caption style", main="acc1"),
+]
+
+TASKS: dict[str, Task] = {t.key: t for t in _DATACOMP + _OFFLINE + _OFFLINE_V2}
 DATACOMP_KEYS: list[str] = [t.key for t in _DATACOMP]
 DATACOMP_SCORED: list[str] = [t.key for t in _DATACOMP if t.scored]
 OFFLINE_KEYS: list[str] = [t.key for t in _OFFLINE]
+
+# Suite v2: its own tasks plus the existing out-of-domain ones, with the group and reason of each.
+SUITE_V2_GROUPS: dict[str, list[str]] = {
+    IN_DOMAIN: [t.key for t in _OFFLINE_V2 if IN_DOMAIN in t.groups],
+    STYLE_SHIFT: [t.key for t in _OFFLINE_V2 if STYLE_SHIFT in t.groups],
+    OUT_OF_DOMAIN: ["offline/digits", "offline/fashion_mnist"],
+}
+SUITE_V2_REASONS: dict[str, str] = {
+    **{t.key: t.reason for t in _OFFLINE_V2},
+    "offline/digits": "out of domain (handwritten digits): the pool has no such concept; a floor check",
+    "offline/fashion_mnist": "out of domain (clothing photos): the pool has clothing icons only; a floor check",
+}
+OFFLINE_V2_KEYS: list[str] = [k for g in (IN_DOMAIN, STYLE_SHIFT, OUT_OF_DOMAIN) for k in SUITE_V2_GROUPS[g]]
+# The headline: unweighted mean of the main metric over these (in-domain + style-shift).
+SUITE_V2_HEADLINE: list[str] = SUITE_V2_GROUPS[IN_DOMAIN] + SUITE_V2_GROUPS[STYLE_SHIFT]
 
 assert len(DATACOMP_SCORED) == 38, len(DATACOMP_SCORED)
 
@@ -190,7 +259,8 @@ def get_task(key: str) -> Task:
 
 
 def resolve_tasks(spec: list[str] | tuple[str, ...] | None) -> list[Task]:
-    """Expand a --tasks spec: None/`all` = DataComp 40 + offline; `datacomp`, `offline`, or task keys."""
+    """Expand a --tasks spec: None/`all` = DataComp 40 + offline; `datacomp`, `offline`, `offline_v2`
+    (suite v2, which `all` leaves out so existing commands keep their meaning), or task keys."""
     if not spec:
         spec = ["all"]
     out: list[Task] = []
@@ -205,6 +275,8 @@ def resolve_tasks(spec: list[str] | tuple[str, ...] | None) -> list[Task]:
                 keys = DATACOMP_KEYS
             elif part == OFFLINE:
                 keys = OFFLINE_KEYS
+            elif part == OFFLINE_V2:
+                keys = OFFLINE_V2_KEYS
             else:
                 keys = [get_task(part).key]
             out.extend(TASKS[k] for k in keys if TASKS[k] not in out)
@@ -218,3 +290,11 @@ def groups_of(keys: list[str]) -> dict[str, list[str]]:
         for g in TASKS[k].groups:
             groups.setdefault(g, []).append(k)
     return groups
+
+
+def suite_v2_average(results: dict[str, dict]) -> dict:
+    """Suite v2's headline (mean main metric over SUITE_V2_HEADLINE) and the mean of each group."""
+    from benchmark.metrics import datacomp_average
+
+    return {"headline": datacomp_average(results, SUITE_V2_HEADLINE),
+            **{g: datacomp_average(results, keys) for g, keys in SUITE_V2_GROUPS.items()}}

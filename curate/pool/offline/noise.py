@@ -7,6 +7,14 @@ filter's recall on a kind is unambiguous:
   modified rows   caption_swap, non_english, empty_caption, redirect
   added rows      exact_dup, near_dup_reencode, near_dup_resize, near_dup_crop   (duplicate_of = original)
   broken rows     http_404, truncated, not_image, bomb, oversized
+
+The large pool (`--size large`) adds web-crawl kinds, assigned before the seeded ones and never
+combined with them (curate/pool/offline/large.py `tag_web_noise`):
+
+  real rows       brand_logo (logo/programming icon sets: a brand name is the caption),
+                  ui_glyph (UI icon sets' arrows, chevrons, toggles: low value, not wrong),
+                  cross_source_copy (iconify's copies of an emoji art the pool also has from its own package)
+  modified rows   boilerplate (the caption replaced by alt-text boilerplate: "image", "icon 24px", ...)
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ MODIFY_KINDS = ("caption_swap", "non_english", "empty_caption", "redirect")
 DUP_KINDS = ("exact_dup", "near_dup_reencode", "near_dup_resize", "near_dup_crop")
 BROKEN_KINDS = ("http_404", "truncated", "not_image", "bomb", "oversized")
 ALL_KINDS = ("none",) + MODIFY_KINDS + DUP_KINDS + BROKEN_KINDS
+WEB_KINDS = ("brand_logo", "ui_glyph", "cross_source_copy", "boilerplate")
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class Row:
     duplicate_of: int | None = None   # index of the original row
     expected_status: str = SUCCESS
     translations: dict[str, str] = field(default_factory=dict, repr=False)
+    meta: dict = field(default_factory=dict, repr=False)   # large pool: package, version, license, concept
 
 
 def file_id(seed: int, *parts: object) -> str:
@@ -177,7 +187,10 @@ def inject(rows: list[Row], cfg: NoiseConfig, seed: int, read_file, write_file) 
     """
     rng = random.Random(f"{seed}:noise")
     n_base = len(rows)
-    translatable = [i for i, r in enumerate(rows) if r.source == "tuxpaint" and r.translations]
+    # Rows that already carry a (large-pool web) noise kind keep it: one kind per row. In the
+    # small/full builds every row starts as "none", so these filters select what they always did.
+    translatable = [i for i, r in enumerate(rows)
+                    if r.source == "tuxpaint" and r.translations and r.noise == "none"]
     plan = cfg.planned(n_base, len(translatable))
 
     # modified rows: disjoint sets; non_english first since only Tux Paint rows have translations
@@ -187,7 +200,7 @@ def inject(rows: list[Row], cfg: NoiseConfig, seed: int, read_file, write_file) 
         lang = rng.choice(sorted(r.translations))
         r.text, r.noise = r.translations[lang], "non_english"
         used.add(i)
-    free = [i for i in range(n_base) if i not in used]
+    free = [i for i in range(n_base) if i not in used and rows[i].noise == "none"]
     rng.shuffle(free)
     k_swap, k_empty, k_redirect = plan["caption_swap"], plan["empty_caption"], plan["redirect"]
     if k_swap + k_empty + k_redirect > len(free):
@@ -207,7 +220,8 @@ def inject(rows: list[Row], cfg: NoiseConfig, seed: int, read_file, write_file) 
 
     def new_row(kind: str, orig: Row, file: str | None, status: str, dup_of: int | None) -> Row:
         url = file if file is not None else f"{orig.source}/{file_id(seed, kind, len(added))}.jpg"
-        return Row(orig.source, orig.source_id, orig.original_text, orig.text, url, file, kind, dup_of, status)
+        return Row(orig.source, orig.source_id, orig.original_text, orig.text, url, file, kind, dup_of, status,
+                   meta=orig.meta)
 
     # duplicates of clean rows
     n_dups = plan["exact_dup"] + sum(plan[k] for k in DUP_KINDS[1:])

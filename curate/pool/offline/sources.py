@@ -81,10 +81,17 @@ class SourceItem:
     subcategory: str = ""       # twemoji subcategory
     group: str = ""             # items sharing a group are held out together (emoji + its skin tones)
     country: str = ""           # twemoji country flags: the country name
+    # Used by the large pool only (curate/pool/offline/large.py); the small/full builds ignore them.
+    code: str = ""              # emoji: the code point sequence ("1F44D-1F3FB")
+    data: bytes | None = field(default=None, repr=False)   # in-memory SVG (iconify icons have no file)
+    meta: dict = field(default_factory=dict, repr=False)   # package, version, license, collection, concept, ...
 
     @property
     def is_svg(self) -> bool:
-        return self.path.suffix.lower() == ".svg"
+        return self.data is not None or self.path.suffix.lower() == ".svg"
+
+    def read_bytes(self) -> bytes:
+        return self.data if self.data is not None else self.path.read_bytes()
 
 
 def _require(path: Path, what: str, install: str) -> None:
@@ -175,19 +182,23 @@ def emoji_caption(name: str) -> str:
     return _clean(name).lower()
 
 
-def read_twemoji(root: Path) -> list[SourceItem]:
-    """Base emoji and their skin-tone variants (same group), excluding bare skin-tone swatches."""
-    install = "make setup   (runs: npm install --prefix .deps emoji-datasource-twitter@16.0.0)"
+def read_twemoji(root: Path, vendor: str = "twitter", source: str = "twemoji",
+                 install: str = "make setup   (runs: npm install --prefix .deps emoji-datasource-twitter@16.0.0)",
+                 ) -> list[SourceItem]:
+    """Base emoji and their skin-tone variants (same group), excluding bare skin-tone swatches.
+
+    `vendor`/`source` read another emoji-datasource package of the same layout (the large pool
+    reads emoji-datasource-google as source "noto")."""
     meta = root / "emoji.json"
-    _require(meta, "npm package emoji-datasource-twitter", install)
-    img_dir = root / "img" / "twitter" / "64"
+    _require(meta, f"npm package emoji-datasource-{vendor}", install)
+    img_dir = root / "img" / vendor / "64"
     try:
         entries = json.loads(meta.read_text(encoding="utf-8"))
     except ValueError as e:
         raise MissingDependencyError(f"a readable {meta} ({e})", install) from None
     items = []
     for e in sorted(entries, key=lambda e: e["image"]):
-        if e.get("category") == "Component" or not e.get("has_img_twitter", True):
+        if e.get("category") == "Component" or not e.get(f"has_img_{vendor}", True):
             continue
         image = img_dir / Path(e["image"]).name
         if not image.is_file():
@@ -201,16 +212,16 @@ def read_twemoji(root: Path) -> list[SourceItem]:
         if sub == "country-flag":
             country = re.sub(r"\s+Flag$", "", name, flags=re.I)
             caption = f"Flag: {country}"
-        base = SourceItem("twemoji", image.name, image, caption, category=cat, subcategory=sub,
-                          group=image.name, country=country)
+        base = SourceItem(source, image.name, image, caption, category=cat, subcategory=sub,
+                          group=image.name, country=country, code=e.get("unified", ""))
         items.append(base)
         for tones, var in sorted((e.get("skin_variations") or {}).items()):
             vimg = img_dir / Path(var["image"]).name
             if not vimg.is_file():
                 continue
             tone_text = ", ".join(SKIN_TONES.get(t, t.lower()) for t in tones.split("-"))
-            items.append(SourceItem("twemoji", vimg.name, vimg, f"{base.caption}: {tone_text}", category=cat,
-                                    subcategory=sub, group=image.name))
+            items.append(SourceItem(source, vimg.name, vimg, f"{base.caption}: {tone_text}", category=cat,
+                                    subcategory=sub, group=image.name, code=var.get("unified", "")))
     if not items:
         raise MissingDependencyError(f"Twemoji PNGs (none found under {img_dir})", install)
     return items
@@ -272,11 +283,12 @@ def render_svg(svg: bytes, long_side: int, max_pixels: int, time_limit: float) -
 class RenderJob:
     path: str          # SVG file (rendered) or PNG file (resized so its long side is long_side)
     long_side: int
-    fmt: str           # "png" | "jpeg"
+    fmt: str           # "png" | "jpeg" | "png_flat" (PNG flattened on white: glyphs drawn on transparency)
     cache_file: str    # where the encoded result (or a .fail note) goes
     max_source_bytes: int
     max_pixels: int
     time_limit: float
+    data: bytes | None = None   # SVG bytes held in memory (iconify icons); then `path` only names them
 
 
 def resize_png(data: bytes, long_side: int, max_pixels: int) -> bytes:
@@ -304,7 +316,10 @@ def encode_image(png_rgba: bytes, fmt: str) -> bytes:
     bg = Image.new("RGB", im.size, (255, 255, 255))
     bg.paste(im, mask=im.getchannel("A"))
     out = io.BytesIO()
-    bg.save(out, "JPEG", quality=88, optimize=False)
+    if fmt == "png_flat":
+        bg.save(out, "PNG")
+    else:
+        bg.save(out, "JPEG", quality=88, optimize=False)
     return out.getvalue()
 
 
@@ -313,14 +328,14 @@ def run_render_job(job: RenderJob) -> tuple[str, float, str]:
     from curate.core.atomic import write_bytes, write_json
 
     t0 = time.perf_counter()
-    size = os.path.getsize(job.path)
+    size = len(job.data) if job.data is not None else os.path.getsize(job.path)
     reason = ""
     if size > job.max_source_bytes:
         reason = f"file is {size} bytes > limit {job.max_source_bytes}"
     else:
         try:
-            data = Path(job.path).read_bytes()
-            if job.path.lower().endswith(".svg"):
+            data = job.data if job.data is not None else Path(job.path).read_bytes()
+            if job.data is not None or job.path.lower().endswith(".svg"):
                 png = render_svg(data, job.long_side, job.max_pixels, job.time_limit)
             else:
                 png = resize_png(data, job.long_side, job.max_pixels)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("curate.pool.download:download_cmd", "Download a URL table into a webdataset POOL on Ray (img2dataset), every row accounted for."),
     "embed": ("curate.embed.stage:embed_cmd", "open_clip image/text embeddings and CLIP scores for a POOL, per shard, resumable."),
     "filter": ("curate.filter.engine:filter_cmd", "Filter a POOL with a YAML recipe into a SUBSET: parquet, uids.npy, per-uid ledger, report."),
+    "ledger": ("curate.filter.engine:ledger_cmd", "Expand a SUBSET's compact ledger (large DataComp pools) into per-(uid, step) rows."),
     "diff": ("curate.filter.diff:diff_cmd", "Compare two SUBSETs: counts in each/both/neither and the step that decided each differing uid."),
     "reshard": ("curate.reshard.stage:reshard_cmd", "Copy a SUBSET's samples from the POOL into balanced webdataset shards."),
     "train": ("benchmark.train:train_cmd", "Train CLIP on SUBSET/shards at a fixed-hyperparameter scale (DataComp protocol)."),

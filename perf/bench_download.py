@@ -121,10 +121,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (order alternates)")
     ap.add_argument("--distributor", default="ray", choices=["ray", "multiprocessing"])
+    ap.add_argument("--quick", action="store_true", help="perf.run_all's size: 1 pair of runs, multiprocessing")
+    ap.add_argument("--json", help="write the result (perf/result.py's shape) to this file")
     ap.add_argument("--child", choices=["img2dataset"], help=argparse.SUPPRESS)
     ap.add_argument("--urls", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.quick:
+        a.repeats, a.distributor = 1, "multiprocessing"
     if a.child == "img2dataset":
         return child_img2dataset(a)
 
@@ -198,6 +202,10 @@ def main() -> None:
                    "runs": {k: [round(x["seconds"], 1) for x in v] for k, v in results.items()}}
         print(json.dumps(summary, indent=2))
         print(f"ratio curate / img2dataset = {ratio:.3f} (goal >= 0.9)")
+        from perf.result import bench_result, write
+
+        write(a.json, bench_result("download", med["curate"], med["img2dataset"], "rows/s", baseline_name="img2dataset",
+                                   goal=0.9, details=summary))
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -168,7 +168,11 @@ def main() -> None:
     ap.add_argument("--batch", default="128,32")
     ap.add_argument("--image-size", type=int, default=256, help="stored JPEG side (DataComp stores 512)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="perf.run_all's size: curate-tiny, 400 images, 1 repeat")
+    ap.add_argument("--json", help="write the result (perf/result.py's shape) to this file")
     a = ap.parse_args()
+    if a.quick:
+        a.models, a.images, a.batch, a.repeats = "curate-tiny", "400", "100", 1
     work = Path(tempfile.mkdtemp(prefix="bench_embed-"))
     print(f"torch threads={torch.get_num_threads()} cpus={os.cpu_count()} image_size={a.image_size}")
     out = []
@@ -184,6 +188,13 @@ def main() -> None:
                 print(f"| {k} | {v:.1f} | {v / ips['naive']:.2f}x | {v / ips['ceiling plain']:.2f} |"
                       f" {v / ips['ceiling curate']:.2f} |")
             sys.stdout.flush()
+        from perf.result import bench_result, write
+
+        first = out[0]["ips"]
+        default = next(k for k in first if "default" in k)
+        write(a.json, bench_result("embed", first[default], first["naive"], "images/s", baseline_name="naive loop",
+                                   details={"models": out, "default_mode": default,
+                                            "vs_forward_ceiling": first[default] / first["ceiling curate"]}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -98,7 +98,11 @@ def main(argv=None) -> int:
                     help="samples per task for ViT-B-32 (about 11 img/s on 2 CPU cores: the full suite takes ~20 min)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--append", action="store_true", help="append the section to perf/RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="perf.run_all's size: curate-tiny, 100 samples per task")
+    ap.add_argument("--json", help="write the result (perf/result.py's shape) to this file")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.models, a.tiny_limit = "curate-tiny", 100
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_evaluate-"))
     rows = []
     for arch in a.models.split(","):
@@ -143,6 +147,13 @@ def main(argv=None) -> int:
     if a.append:
         with open(Path(__file__).parent / "RESULTS.md", "a", encoding="utf-8") as fh:
             fh.write(text)
+    from perf.result import bench_result, write
+
+    r0 = rows[0]
+    if r0["fm_ours_s"]:  # Fashion-MNIST seconds, ours vs clip_benchmark's loop on the same folder and model
+        write(a.json, bench_result("evaluate", r0["fm_ours_s"], r0["fm_cb_s"], "s (Fashion-MNIST)",
+                                   higher_is_better=False, baseline_name="clip_benchmark zero-shot loop",
+                                   details={"rows": rows}))
     return 0
 
 

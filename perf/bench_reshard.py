@@ -57,7 +57,11 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.3, help="fraction of the pool in the subset")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="perf.run_all's size: 3 shards x 500, 1 repeat")
+    ap.add_argument("--json", help="write the result (perf/result.py's shape) to this file")
     args = ap.parse_args()
+    if args.quick:
+        args.shards, args.per_shard, args.repeats = 3, 500, 1
 
     from curate.core import uids as uidlib
     from curate.reshard.stage import ReshardConfig, reshard
@@ -101,6 +105,12 @@ def main() -> None:
         b, o, o1 = statistics.median(base_t), statistics.median(ours_t), statistics.median(ours1_t)
         print(f"RESULT samples={n_base} baseline={n_base / b:.0f} samples/s; curate {args.workers}w="
               f"{n_base / o:.0f} samples/s ({b / o:.2f}x); curate 1w={n_base / o1:.0f} samples/s ({b / o1:.2f}x)")
+        from perf.result import bench_result, write
+
+        write(args.json, bench_result("reshard", n_base / o, n_base / b, "samples/s", goal=1.5,
+                                      baseline_name="single-process DataComp resharder",
+                                      details={"samples": n_base, "curate_1_worker_samples_per_s": n_base / o1,
+                                               "workers": args.workers, "repeats": args.repeats}))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -74,7 +74,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
     ap.add_argument("--concurrent", action="store_true", help="run both trainers at the same time (loaded machine)")
+    ap.add_argument("--quick", action="store_true", help="perf.run_all's size: 12 steps of 128, 1 repeat")
+    ap.add_argument("--json", help="write the result (perf/result.py's shape) to this file")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.batch, args.repeats, args.skip = 12, 128, 1, 3
 
     from curate.core import uids as uidlib
     from curate.reshard.stage import ReshardConfig, reshard
@@ -113,6 +117,11 @@ def main() -> None:
         tw = statistics.median(w for _, w in theirs)
         print(f"RESULT curate {o:.1f} samples/s vs open_clip_train {t:.1f} samples/s: {o / t:.2f}x; "
               f"wall {ow:.1f}s vs {tw:.1f}s ({tw / ow:.2f}x)")
+        from perf.result import bench_result, write
+
+        write(args.json, bench_result("train", o, t, "samples/s", baseline_name="open_clip_train.main", goal=1.0,
+                                      details={"wall_s": ow, "baseline_wall_s": tw, "steps": args.steps,
+                                               "batch": args.batch, "repeats": args.repeats}))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -1,8 +1,9 @@
 """`curate pool select-datacomp`: uids.npy of a CLIP-score recipe on a DataComp pool, in little memory.
 
-DataComp's CLIP-score baselines keep the top fraction of a pool by a precomputed score column. The
-general engine (`curate filter`) does that too, but also writes a per-uid ledger and subset.parquet,
-which at 12.8M-12.8B rows costs minutes and gigabytes. This stage writes only the uids, and holds
+DataComp's CLIP-score baselines keep the top fraction of a pool by a precomputed score column.
+`curate filter` does that too and also writes subset.parquet and a ledger (on large DataComp pools
+it streams with the pieces below: `RadixSelect`, `plan_cut`, `UidBuckets`, `read_batches`; see
+curate/filter/engine.py). This stage writes only the uids, and holds
 neither the score column nor the kept uids in memory, so its peak stays near the interpreter's
 (numpy + pyarrow) whatever the pool size:
 
@@ -83,12 +84,15 @@ def encode_uid_array(arr) -> np.ndarray:
     return out
 
 
-def _arrow_mask(mask: np.ndarray):
+def arrow_mask(mask: np.ndarray):
     """numpy bools -> Arrow BooleanArray, built from the packed bits. Passing the numpy array to
     Arrow's filter converts it through a path that imports pandas (+55 MB resident)."""
     import pyarrow as pa
 
     return pa.Array.from_buffers(pa.bool_(), len(mask), [None, pa.py_buffer(np.packbits(mask, bitorder="little"))])
+
+
+_arrow_mask = arrow_mask
 
 
 def sort_uids(arr: np.ndarray) -> None:
@@ -113,8 +117,9 @@ def sort_uids(arr: np.ndarray) -> None:
             arr[st:end] = np.sort(arr[st:end], order=["f0", "f1"])
 
 
-def _bounded_map(fn, items, threads: int = 2):
-    """`fn` over `items` in `threads` threads, results in order, at most 2 x threads in flight.
+def bounded_map(fn, items, threads: int = 2, depth: int | None = None):
+    """`fn` over `items` in `threads` threads, results in order, at most `depth` (default 2 x threads)
+    in flight.
 
     Threads, not processes: Arrow's parquet decoding and numpy release the GIL, and results (score
     histograms, kept uids) need no pickling."""
@@ -122,14 +127,18 @@ def _bounded_map(fn, items, threads: int = 2):
     from collections import deque
 
     threads = max(1, min(threads, os.cpu_count() or 1))
+    depth = max(1, depth or 2 * threads)
     with cf.ThreadPoolExecutor(threads) as ex:
         pending: deque = deque()
         for item in items:
             pending.append(ex.submit(fn, item))
-            if len(pending) >= 2 * threads:
+            if len(pending) >= depth:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+_bounded_map = bounded_map
 
 
 # ---------------------------------------------------------------- exact cut without the column in RAM
@@ -183,7 +192,7 @@ class RadixSelect:
                 h += np.bincount(((k >> shift) & uint(0xFFFF)).astype(np.intp), minlength=1 << 16)
             return h
 
-        return sum(_bounded_map(one_file, self.files), np.zeros(1 << 16, np.int64))
+        return sum(bounded_map(one_file, self.files), np.zeros(1 << 16, np.int64))
 
     def select(self, rank: int) -> Cut:
         """The score at ascending `rank` (0-based) among the non-NaN scores, with the counts above it."""
@@ -200,7 +209,7 @@ class RadixSelect:
             if count <= COLLECT_MAX:
                 break
             hist = self._histogram(fixed, prefix)
-        parts = list(_bounded_map(lambda f: np.concatenate(
+        parts = list(bounded_map(lambda f: np.concatenate(
             [s[(order_keys(s) >> self.uint(self.bits - fixed)) == prefix] for s in self.file_scores(f)]
             or [np.empty(0, self.dtype)]), self.files))
         vals = np.concatenate(parts)
@@ -248,7 +257,7 @@ def _score_recipe(recipe_path: str, pool: Path):
     return recipe, step, desc["models"][step.model_id]["score_column"]
 
 
-class _Buckets:
+class UidBuckets:
     """Kept uids spilled to disk by their top bits, so the sort never needs them all in RAM."""
 
     def __init__(self, folder: Path):
@@ -293,11 +302,14 @@ class _Buckets:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+_Buckets = UidBuckets
+
+
 def select_uids(cfg: SelectConfig) -> dict[str, Any]:
     """Write uids.npy for a one-step clip_score recipe on a DataComp pool (see the module docstring).
 
     Idempotent: a matching ``<out>.json`` (recipe hash + input fingerprints) means up to date."""
-    with _system_allocator():  # before the recipe loads: filters/ import pyarrow
+    with system_allocator():  # before the recipe loads: filters/ import pyarrow
         return _select_uids(cfg)
 
 
@@ -320,7 +332,7 @@ def _select_uids(cfg: SelectConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _system_allocator() -> Iterator[None]:
+def system_allocator() -> Iterator[None]:
     """Use the C library's allocator for Arrow while this stage runs.
 
     Arrow's default allocator (mimalloc) keeps freed pages per reader thread; on 12.8M rows this
@@ -340,81 +352,110 @@ def _system_allocator() -> Iterator[None]:
         pa.set_memory_pool(prev)
 
 
+def read_batches(f: Path, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator:
+    """Record batches of `columns` of parquet file `f`, streamed, with a CurateError naming the file.
+
+    Single-threaded, with a small read buffer instead of whole column chunks pre-buffered: Arrow
+    otherwise keeps a row group's column chunks (and an allocator arena per reader thread)
+    resident, which is more than everything else a streamed stage holds."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+    except CurateError:
+        raise
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise CurateError(f"{f}: cannot read {columns} ({e})") from None
+
+
+def score_values(col) -> np.ndarray:
+    """A float Arrow array as numpy (nulls -> NaN), the values buffer viewed in place: Array.to_numpy()
+    would import pandas (+55 MB resident, more than a streamed stage otherwise needs)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if col.type not in (pa.float32(), pa.float64()):
+        col = col.cast(pa.float64())
+    if col.null_count:
+        col = pc.fill_null(col, float("nan"))
+    dtype = np.float32 if col.type == pa.float32() else np.float64
+    return np.frombuffer(col.buffers()[1], dtype)[col.offset: col.offset + len(col)]
+
+
+@dataclass
+class CutPlan:
+    """How a clip_score step decides, once the cut is known: keep ``s >= threshold`` (``s > threshold``
+    when `strict`, plus the `tie_need` smallest uids at exactly the threshold); `n_keep` is the count
+    that must come out (None for a fixed threshold, where it is not known in advance)."""
+
+    threshold: float
+    strict: bool = False
+    tie_need: int = 0
+    n_keep: int | None = None
+
+
+def plan_cut(params, n: int, make_select: Callable[[], RadixSelect]) -> CutPlan:
+    """The decision rule of `filters/clip_score.py` for `n` rows reaching the step (NaN scores
+    included in `n`, never kept), with the exact cut found by a streamed radix select."""
+    if params.keep_top_fraction is None:
+        return CutPlan(float(params.threshold))
+    sel = make_select()
+    k, m = int(np.floor(n * params.keep_top_fraction + 1e-9)), sel.total
+    if m == 0:
+        return CutPlan(float("nan"), n_keep=0)
+    if k == 0 and not params.datacomp_ties:
+        return CutPlan(float("inf"), n_keep=0)
+    # DataComp: sorted_desc[k], i.e. ascending rank m-1-k; curate: the k-th largest.
+    cut = sel.select(m - 1 - min(k, m - 1) if params.datacomp_ties else m - min(k, m))
+    if params.datacomp_ties:
+        return CutPlan(cut.value, n_keep=cut.n_at_least)
+    n_keep = min(k, m)
+    tie_need = n_keep - cut.n_greater  # rows at exactly the cut kept, smallest uids first
+    return CutPlan(cut.value, strict=tie_need < cut.n_at_least - cut.n_greater, tie_need=tie_need, n_keep=n_keep)
+
+
 def _write_uids(pool: Path, out: Path, files: list[Path], recipe, step, col: str, key: dict,
                 side: Path) -> dict[str, Any]:
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     t0 = time.time()
-    p = step.params
-
-    def batches(f: Path, columns: list[str]):
-        # Streamed in batches, single-threaded, with a small read buffer instead of whole column
-        # chunks pre-buffered: Arrow otherwise keeps a row group's column chunks (and an allocator
-        # arena per reader thread) resident, which is more than everything else here holds.
-        try:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
-            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
-        except Exception as e:  # pyarrow raises several types for a damaged file
-            raise CurateError(f"{f}: cannot read {columns} ({e})") from None
-
-    def as_numpy(col_) -> np.ndarray:
-        # The values buffer viewed in place: Array.to_numpy() would import pandas (+55 MB resident,
-        # more than this whole stage otherwise needs).
-        if col_.type not in (pa.float32(), pa.float64()):
-            col_ = col_.cast(pa.float64())
-        if col_.null_count:
-            col_ = pc.fill_null(col_, float("nan"))
-        dtype = np.float32 if col_.type == pa.float32() else np.float64
-        return np.frombuffer(col_.buffers()[1], dtype)[col_.offset: col_.offset + len(col_)]
 
     def file_scores(f: Path) -> Iterator[np.ndarray]:
-        for b in batches(f, [col]):
-            s = as_numpy(b.column(0))
+        for b in read_batches(f, [col]):
+            s = score_values(b.column(0))
             yield s[~np.isnan(s)]  # NaN is never kept (nor counted in the pool-wide cut)
 
-    thr, strict, tie_need, n_keep = p.threshold, False, 0, None
-    if p.keep_top_fraction is not None:
-        n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    def make_select() -> RadixSelect:
         ftype = pq.ParquetFile(files[0]).schema_arrow.field(col).type if files else pa.float64()
-        sel = RadixSelect(file_scores, files, np.float32 if ftype == pa.float32() else np.float64)
-        k, m = int(np.floor(n * p.keep_top_fraction + 1e-9)), sel.total
-        if m == 0 or k == 0 and not p.datacomp_ties:
-            thr, n_keep = float("inf"), 0
-        else:
-            # DataComp: sorted_desc[k], i.e. ascending rank m-1-k; curate: the k-th largest.
-            cut = sel.select(m - 1 - min(k, m - 1) if p.datacomp_ties else m - min(k, m))
-            thr = cut.value
-            if p.datacomp_ties:
-                n_keep = cut.n_at_least
-            else:
-                n_keep = min(k, m)
-                tie_need = n_keep - cut.n_greater  # rows at exactly thr kept, smallest uids first
-                strict = tie_need < cut.n_at_least - cut.n_greater
+        return RadixSelect(file_scores, files, np.float32 if ftype == pa.float32() else np.float64)
 
-    buckets = _Buckets(out.with_name(f"{TEMP_PREFIX}{out.name}.buckets"))
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    plan = plan_cut(step.params, n, make_select)
+    thr, strict = plan.threshold, plan.strict
+    buckets = UidBuckets(out.with_name(f"{TEMP_PREFIX}{out.name}.buckets"))
 
     def kept_in(f: Path) -> np.ndarray | None:
         # Each batch's kept uids go straight to the buckets (a lock orders the appends; a bucket's
         # order does not matter, it is sorted at the end): nothing accumulates per file.
         tie = []
-        for b in batches(f, ["uid", col]):
-            s = as_numpy(b.column(1))
-            buckets.add(encode_uid_array(b.column(0).filter(_arrow_mask(s > thr if strict else s >= thr))))
+        for b in read_batches(f, ["uid", col]):
+            s = score_values(b.column(1))
+            buckets.add(encode_uid_array(b.column(0).filter(arrow_mask(s > thr if strict else s >= thr))))
             if strict:
-                tie.append(encode_uid_array(b.column(0).filter(_arrow_mask(s == thr))))
+                tie.append(encode_uid_array(b.column(0).filter(arrow_mask(s == thr))))
         return np.concatenate(tie) if tie else None
 
     try:
-        ties = [t for t in _bounded_map(kept_in, files) if t is not None and len(t)]
+        ties = [t for t in bounded_map(kept_in, files) if t is not None and len(t)]
         if strict:  # a top-k cut inside a run of equal scores: the smallest uids at the cut score
             tied = np.concatenate(ties)
             sort_uids(tied)
-            buckets.add(tied[:tie_need])
-        if n_keep is not None and buckets.count != n_keep:
-            raise CurateError(f"{pool}: expected {n_keep} uids at the cut, collected {buckets.count}: the metadata "
-                              f"changed while it was read; re-run")
+            buckets.add(tied[:plan.tie_need])
+        if plan.n_keep is not None and buckets.count != plan.n_keep:
+            raise CurateError(f"{pool}: expected {plan.n_keep} uids at the cut, collected {buckets.count}: the "
+                              f"metadata changed while it was read; re-run")
         with atomic_path(out, suffix=".npy") as tmp, open(tmp, "wb") as fh:
             buckets.write_sorted_npy(fh)
         kept = buckets.count

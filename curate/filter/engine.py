@@ -13,9 +13,9 @@ How it runs (out of core: a 12.8M-row pool never has to fit in RAM):
   finished step (partial files are temp files, removed on the next start).
 
 Outputs (each written atomically):
-- ``subset.parquet``: kept rows, sorted by uid: uid, url, text, shard, key, the scores computed by
-  the steps (column named after the step's filter, ``<filter>_<path>`` if it occurs twice) and
-  extra columns filters produce (e.g. ``text_augmented``).
+- ``subset.parquet``: kept rows, sorted by uid: uid, url, text, shard, key (face_bboxes too from a DataComp
+  pool), the scores computed by the steps (column named after the step's filter, ``<filter>_<path>`` if it
+  occurs twice) and extra columns filters produce (e.g. ``text_augmented``).
 - ``uids.npy``: DataComp format (`curate.core.uids`), exactly the subset's uids.
 - ``decisions.parquet``: the ledger. One row per (uid, step) for every uid that *reached* the step:
   uid, step (``pool`` or ``<path>.<filter>``, e.g. ``1.clip_score``; ``2.0.0.image_based`` is inside
@@ -25,6 +25,15 @@ Outputs (each written atomically):
   row per uid that reached them, with the combined decision; their branches' own rows follow.
 - ``manifest.json``: recipe (parsed and text) and hash, input fingerprints, versions, seed, model
   ids, counts per step, timings. ``report.html``: see `curate.filter.report`.
+
+Large DataComp pools (>= `COMPACT_MIN_ROWS` rows, ``--ledger auto``) whose steps all stream (row
+filters on DataComp's parquet columns, ``clip_score`` on the precomputed scores) run through
+`_Stream` instead: file by file, one "still in" mask per pool file, the exact top-fraction cut by
+`curate.filter.datacomp_select`'s radix select, and a compact ledger (``ledger.parquet``: per step
+the dropped rows as (file_index, row, reason), kept rows implied; ``decisions.sql`` / `curate ledger`
+give the per-(uid, step) rows). The per-uid ledger, the uid-ordered join for the subset and the
+pool-wide sort were what made the general engine 4x slower than DataComp's own script there
+(perf/RESULTS.md, issue 20). Everything else, and every pool below that size, runs as described above.
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ class FilterConfig:
     report: bool = True
     device: str = "auto"
     progress: bool = True
+    ledger: str = "auto"  # "full", "compact" (streamed, large DataComp pools) or "auto" (see `ledger_form`)
 
 
 # ---------------------------------------------------------------- helpers
@@ -170,6 +180,32 @@ class ImageEmbedder:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def step_context(cfg: FilterConfig, recipe: Recipe, pool: Path, cache: Path, step: Step) -> dict[str, Any]:
+    """The context a filter's `setup` and `apply` receive (filters/base.py): pool, seed, a cache
+    folder, the step's model id and, when the step names a model, an image embedder for targets."""
+    arch = getattr(step.params, "model", None) or recipe.model
+    weights = getattr(step.params, "pretrained", None) or recipe.pretrained
+    if arch and not weights:
+        weights = cfg.pretrained.get(arch) or cfg.pretrained.get("")
+    if not arch and step.model_id:
+        arch = step.model_id.split("__")[0]
+    ctx = {"pool": str(pool), "seed": recipe.seed, "cache_dir": str(cache / "filters"),
+           "model_id": step.model_id, "recipe_dir": str(Path(recipe.source).parent)}
+    Path(ctx["cache_dir"]).mkdir(parents=True, exist_ok=True)
+    if arch:
+        ctx["embed_image_paths"] = ImageEmbedder(arch, weights, cfg.device)
+    return ctx
+
+
+def input_fingerprints(pool: Path, recipe: Recipe) -> dict[str, Any]:
+    """Fingerprints of the metadata and of the embeddings the recipe reads (the run key's inputs)."""
+    files = sorted((pool / "metadata").glob("*.parquet"))
+    fp: dict[str, Any] = {"metadata": [_fingerprint(f) for f in files]}
+    for mid in sorted({s.model_id for s in recipe.all_steps() if s.model_id}):
+        fp[f"embeddings/{mid}"] = [_fingerprint(f) for f in sorted((pool / "embeddings" / mid).glob("*.parquet"))]
+    return fp
+
+
 # ---------------------------------------------------------------- the runner
 
 class Runner:
@@ -225,11 +261,7 @@ class Runner:
         return self.emb_views[model_id]
 
     def input_fingerprints(self) -> dict[str, Any]:
-        files = sorted((self.pool / "metadata").glob("*.parquet"))
-        fp: dict[str, Any] = {"metadata": [_fingerprint(f) for f in files]}
-        for mid in sorted({s.model_id for s in self.recipe.all_steps() if s.model_id}):
-            fp[f"embeddings/{mid}"] = [_fingerprint(f) for f in sorted((self.pool / "embeddings" / mid).glob("*.parquet"))]
-        return fp
+        return input_fingerprints(self.pool, self.recipe)
 
     # -------------------------------------------------------------- steps
     def step_file(self, key: str) -> Path:
@@ -311,18 +343,7 @@ class Runner:
         return q, want_emb
 
     def context_for(self, step: Step) -> dict[str, Any]:
-        arch = getattr(step.params, "model", None) or self.recipe.model
-        weights = getattr(step.params, "pretrained", None) or self.recipe.pretrained
-        if arch and not weights:
-            weights = self.cfg.pretrained.get(arch) or self.cfg.pretrained.get("")
-        if not arch and step.model_id:
-            arch = step.model_id.split("__")[0]
-        ctx = {"pool": str(self.pool), "seed": self.recipe.seed, "cache_dir": str(self.cache / "filters"),
-               "model_id": step.model_id, "recipe_dir": str(Path(self.recipe.source).parent)}
-        Path(ctx["cache_dir"]).mkdir(parents=True, exist_ok=True)
-        if arch:
-            ctx["embed_image_paths"] = ImageEmbedder(arch, weights, self.cfg.device)
-        return ctx
+        return step_context(self.cfg, self.recipe, self.pool, self.cache, step)
 
     def run_step(self, step: Step, prev: Path, prev_is_pool: bool, key: str) -> Path:
         dest = self.step_file(key)
@@ -584,6 +605,486 @@ def _score_columns(runner: Runner) -> list[tuple[str, str]]:
     return out
 
 
+# ---------------------------------------------------------------- large DataComp pools: streamed, compact ledger
+
+LEDGER_FORMS = ("auto", "full", "compact")
+# `ledger: auto` turns compact from this many pool rows on: below it the full ledger costs little.
+COMPACT_MIN_ROWS = 1_000_000
+COMPACT_LEDGER = "ledger.parquet"
+COMPACT_QUERY = "decisions.sql"
+SUBSET_BATCH_ROWS = 32_768
+# Return freed memory to the OS after every TRIM_EVERY files of the subset pass: the reader threads'
+# malloc arenas otherwise keep ~0.1 GB (12.8M rows: peak 0.39 GB never, 0.36 every 4 files, 0.35 every
+# file at +1 CPU-s of page faults).
+TRIM_EVERY = 4  # rows decoded at a time by the streamed subset writer
+COMPACT_SCHEMA = pa.schema([
+    ("step_index", pa.int32()), ("file_index", pa.int32()), ("row", pa.int64()), ("kept", pa.bool_()),
+    ("score", pa.float64()), ("reason", pa.dictionary(pa.int32(), pa.string())),
+])
+
+
+def stream_blocker(recipe: Recipe, pool: Path, cfg: FilterConfig) -> str | None:
+    """Why the recipe cannot run streamed over this pool (None when it can).
+
+    Streamed = every step decided file by file from DataComp's parquet columns, nothing joined or
+    sorted pool-wide: ``row``-scope filters reading only metadata columns, and ``clip_score`` on a
+    DataComp model's precomputed score column (the exact cut by a streamed radix select)."""
+    from curate.pool import datacomp as datacomp_pool
+
+    if not datacomp_pool.is_datacomp_pool(pool):
+        return f"{pool} is not a DataComp pool (`curate pool import-datacomp`)"
+    if cfg.ray_address:
+        return "--ray-address runs the general engine"
+    models = datacomp_pool.read_descriptor(pool)["models"]
+    files = sorted((pool / "metadata").glob("*.parquet"))
+    names = set(pq.read_schema(files[0]).names) if files else set()
+    for item in recipe.steps:
+        if isinstance(item, SetOp):
+            return f"step {item.id} is a set operation"
+        if item.name == "clip_score":
+            if item.model_id not in models:
+                return f"step {item.id} reads {item.model_id}, not one of DataComp's precomputed scores"
+            continue
+        filt = item.cls(item.params)
+        if item.cls.scope != "row" or filt.embeddings:
+            return f"step {item.id} ({item.name}) is pool-wide or reads embeddings"
+        for c in filt.columns:
+            if c == "clip_score" and item.model_id not in models:
+                return f"step {item.id} reads clip_score of {item.model_id}, not one of DataComp's"
+            if c != "clip_score" and c not in names:
+                return f"step {item.id} ({item.name}) reads {c!r}, which DataComp's parquet does not have"
+    return None
+
+
+def ledger_form(cfg: FilterConfig, recipe: Recipe, pool: Path) -> str:
+    """``full`` (per-(uid, step) rows, decisions.parquet) or ``compact`` (ledger.parquet, streamed run)."""
+    if cfg.ledger not in LEDGER_FORMS:
+        raise CurateError(f"--ledger {cfg.ledger!r}: choose one of {', '.join(LEDGER_FORMS)}")
+    if cfg.ledger == "full":
+        return "full"
+    why = stream_blocker(recipe, pool, cfg)
+    if cfg.ledger == "compact":
+        if why:
+            raise CurateError(f"{cfg.recipe}: --ledger compact needs a streamed run, but {why}; use --ledger full")
+        return "compact"
+    if why:
+        return "full"
+    from curate.pool import datacomp as datacomp_pool
+
+    return "compact" if datacomp_pool.read_descriptor(pool)["rows"] >= COMPACT_MIN_ROWS else "full"
+
+
+def _step_reason_clip(p, thr: float) -> str:
+    # the same words as filters/clip_score.py
+    return f"clip score < {thr:.4f}" if p.keep_top_fraction is None else f"not in top {p.keep_top_fraction:g} (cut {thr:.4f})"
+
+
+class _Stream:
+    """State of a streamed run: per pool file, which rows are still in (None = all), and the ledger."""
+
+    def __init__(self, cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, ledger_tmp: Path):
+        from curate.pool import datacomp as datacomp_pool
+
+        self.cfg, self.recipe, self.pool, self.out = cfg, recipe, pool, out
+        self.models = datacomp_pool.read_descriptor(pool)["models"]
+        self.files = sorted((pool / "metadata").glob("*.parquet"))
+        for i, f in enumerate(self.files):
+            if f.name != f"{i:08d}.parquet":
+                raise CurateError(f"{f}: DataComp pool files are named 00000000.parquet, 00000001.parquet, ...: "
+                                  f"re-run `curate pool import-datacomp`")
+        self.rows = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+        self.reached: list[np.ndarray | None] = [None] * len(self.files)
+        self.scores: dict[str, list[np.ndarray | None]] = {}  # subset column -> per-file scores (row steps)
+        self.score_columns: list[tuple[str, str]] = []  # (subset column, pool column) for clip_score steps
+        self.executed: list[dict[str, Any]] = []
+        self.ledger_steps: list[dict[str, Any]] = []
+        self.writer = pq.ParquetWriter(ledger_tmp, COMPACT_SCHEMA, use_dictionary=["step_index", "file_index", "reason"],
+                                       column_encoding={"row": "DELTA_BINARY_PACKED"}, compression="zstd")
+
+    def n_in(self) -> int:
+        return sum(n if m is None else int(m.sum()) for n, m in zip(self.rows, self.reached))
+
+    def write(self, step_index: int, fi: int, rows: np.ndarray, kept: np.ndarray | bool, score, reason) -> None:
+        n = len(rows)
+        if not n:
+            return
+        if isinstance(reason, str) or reason is None:
+            reason_arr = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32) if reason else
+                                                                 pa.nulls(n, pa.int32())), pa.array([reason or ""]))
+        else:
+            reason_arr = pa.array(reason, pa.string()).dictionary_encode()
+            reason_arr = pa.DictionaryArray.from_arrays(reason_arr.indices.cast(pa.int32()), reason_arr.dictionary)
+        self.writer.write_table(pa.table({
+            "step_index": pa.array(np.full(n, step_index, np.int32)), "file_index": pa.array(np.full(n, fi, np.int32)),
+            "row": pa.array(rows.astype(np.int64)),
+            "kept": pa.array(np.broadcast_to(np.asarray(kept, bool), (n,))),
+            "score": pa.nulls(n, pa.float64()) if score is None else pa.array(score, pa.float64(), from_pandas=True),
+            "reason": reason_arr}, schema=COMPACT_SCHEMA))
+
+    def record(self, step_id: str, name: str, n_in: int, kept: int, threshold, seconds, score_column=None) -> None:
+        self.executed.append({"step": step_id, "filter": name, "file": COMPACT_LEDGER, "in": n_in, "kept": kept,
+                              "dropped": n_in - kept, "threshold": threshold, "cached": False, "extra_columns": [],
+                              "seconds": seconds})
+        self.ledger_steps.append({"step": step_id, "step_index": len(self.ledger_steps), "filter": name,
+                                  "threshold": threshold, "score_column": score_column})
+
+    # ------------------------------------------------------------ steps
+    def clip_step(self, i: int, step: Step) -> None:
+        from curate.filter import datacomp_select as ds
+
+        t0 = time.time()
+        col = self.models[step.model_id]["score_column"]
+        n_in = self.n_in()
+        ftype = pq.read_schema(self.files[0]).field(col).type if self.files else pa.float32()
+        dtype = np.float32 if ftype == pa.float32() else np.float64
+
+        def file_scores(fi: int):
+            off, m = 0, self.reached[fi]
+            for b in ds.read_batches(self.files[fi], [col]):
+                s = ds.score_values(b.column(0))
+                if m is not None:
+                    s = s[m[off: off + len(s)]]
+                off += b.num_rows
+                yield s[~np.isnan(s)]
+
+        plan = ds.plan_cut(step.params, n_in, lambda: ds.RadixSelect(file_scores, list(range(len(self.files))), dtype))
+        thr = plan.threshold
+        tie_rows: dict[int, np.ndarray] = {}
+        if plan.strict:  # the cut falls inside a run of equal scores: the smallest uids at it are kept
+            def tied(fi: int):
+                off, m, found = 0, self.reached[fi], []
+                for b in ds.read_batches(self.files[fi], ["uid", col]):
+                    s = ds.score_values(b.column(1))
+                    hit = (s == thr) if m is None else (s == thr) & m[off: off + len(s)]
+                    idx = np.flatnonzero(hit)
+                    found.append((idx + off, ds.encode_uid_array(b.column(0).filter(ds.arrow_mask(hit)))))
+                    off += b.num_rows
+                return found
+            cand = [(fi, r, u) for fi, parts in enumerate(ds.bounded_map(tied, range(len(self.files))))
+                    for rows, uids in parts for r, u in zip(rows, uids)]
+            cand.sort(key=lambda x: (int(x[2]["f0"]), int(x[2]["f1"])))
+            for fi, r, _ in cand[: plan.tie_need]:
+                tie_rows.setdefault(fi, []).append(r)
+        why = _step_reason_clip(step.params, thr)
+
+        def decide(fi: int):
+            m = self.reached[fi]
+            s = np.concatenate([ds.score_values(b.column(0)) for b in ds.read_batches(self.files[fi], [col])]
+                               or [np.empty(0, dtype)])
+            nan = np.isnan(s)
+            with np.errstate(invalid="ignore"):
+                keep = ~nan & ((s > thr) if plan.strict else (s >= thr))
+            if fi in tie_rows:
+                keep[np.asarray(tie_rows[fi], np.int64)] = True
+            if m is not None:
+                keep &= m
+            return keep, nan
+
+        kept_total = 0
+        for fi, (keep, nan) in enumerate(ds.bounded_map(decide, range(len(self.files)))):
+            m = self.reached[fi]
+            drop = ~keep if m is None else m & ~keep
+            rows = np.flatnonzero(drop)
+            no_score = nan[rows]
+            if no_score.any():
+                reason = np.where(no_score, "no clip score", why).astype(object)
+            else:
+                reason = why
+            self.write(i, fi, rows, False, None, reason)
+            self.reached[fi] = keep
+            kept_total += int(keep.sum())
+        if plan.n_keep is not None and kept_total != plan.n_keep:
+            raise CurateError(f"{self.pool}: expected {plan.n_keep} rows at the cut, kept {kept_total}: the metadata "
+                              f"changed while it was read; re-run")
+        names = [s.name for s in self.recipe.steps]
+        sub_col = "clip_score" if names.count("clip_score") == 1 else f"clip_score_{step.path.replace('.', '_')}"
+        self.score_columns.append((sub_col, col))
+        self.record(step.id, step.name, n_in, kept_total, thr, round(time.time() - t0, 3), score_column=col)
+
+    def row_step(self, i: int, step: Step) -> None:
+        from collections import deque
+
+        from curate.filter import datacomp_select as ds
+
+        t0 = time.time()
+        filt = step.cls(step.params)
+        ctx = step_context(self.cfg, self.recipe, self.pool, self.out / ".cache", step)
+        filt.setup(ctx)
+        cols = list(dict.fromkeys(c for c in filt.columns if c != "uid"))
+        src = [self.models[step.model_id]["score_column"] if c == "clip_score" else c for c in cols]
+        n_in = self.n_in()
+        where: deque = deque()
+
+        def tables():
+            for fi, f in enumerate(self.files):
+                off, m = 0, self.reached[fi]
+                for b in ds.read_batches(f, ["uid", *src], batch_rows=self.cfg.batch_rows):
+                    t = pa.Table.from_batches([b]).rename_columns(["uid", *cols])
+                    for c in ("original_width", "original_height", "width", "height"):  # the view's INTEGER
+                        if c in cols:
+                            t = t.set_column(t.column_names.index(c), c, t[c].cast(pa.int32()))
+                    rows = np.arange(off, off + b.num_rows)
+                    if m is not None:
+                        sel = m[off: off + b.num_rows]
+                        t, rows = t.filter(ds.arrow_mask(sel)), rows[sel]
+                    off += b.num_rows
+                    if t.num_rows:
+                        where.append((fi, rows))
+                        yield t
+
+        workers = self.cfg.workers or min(os.cpu_count() or 1, 4)
+        if workers > 1 and n_in > self.cfg.batch_rows:
+            results = _parallel_apply(step, ctx, tables(), [], workers)
+        else:
+            results = ((t, _apply_batch(filt, t, [], ctx)) for t in tables())
+        new = [np.zeros(n, bool) for n in self.rows]
+        scored = None
+        threshold = None
+        for table, res in results:
+            fi, rows = where.popleft()
+            if len(res.keep) != table.num_rows:
+                raise RuntimeError(f"filter {step.name} returned {len(res.keep)} decisions for {table.num_rows} rows")
+            if res.columns:
+                raise CurateError(f"{self.cfg.recipe}: step {step.id} ({step.name}) adds columns "
+                                  f"{sorted(res.columns)}, which the compact ledger does not carry: use --ledger full")
+            if res.threshold is not None:
+                threshold = float(res.threshold)
+            keep = np.asarray(res.keep, bool)
+            new[fi][rows[keep]] = True
+            reason = res.reason if isinstance(res.reason, np.ndarray) else np.asarray(list(res.reason), object)
+            if res.score is None:
+                self.write(i, fi, rows[~keep], False, None, reason[~keep])
+            else:  # filter-made scores are kept for every row that reached the step
+                score = np.asarray(res.score, np.float64)
+                self.write(i, fi, rows, keep, score, reason)
+                if scored is None:
+                    scored = [None] * len(self.files)
+                if scored[fi] is None:
+                    scored[fi] = np.full(self.rows[fi], np.nan)
+                scored[fi][rows] = score
+        self.reached = new
+        if scored is not None:
+            names = [s.name for s in self.recipe.steps]
+            sub_col = step.name if names.count(step.name) == 1 else f"{step.name}_{step.path.replace('.', '_')}"
+            self.scores[sub_col] = scored
+        self.record(step.id, step.name, n_in, self.n_in(), threshold, round(time.time() - t0, 3))
+
+    # ------------------------------------------------------------ outputs
+    def write_subset(self, dest: Path, uids_npy: Path) -> int:
+        """subset.parquet in pool order (file, row) and uids.npy sorted (DataComp format, bucketed on disk)."""
+        from curate.core.atomic import TEMP_PREFIX
+        from curate.filter import datacomp_select as ds
+        from curate.pool import datacomp as datacomp_pool
+
+        has_boxes = datacomp_pool.read_descriptor(self.pool).get("has_face_bboxes")
+        base = ["uid", "url", "text"] + (["face_bboxes"] if has_boxes else [])
+        pool_cols = list(dict.fromkeys(c for _, c in self.score_columns))
+        buckets = ds.UidBuckets(uids_npy.with_name(f"{TEMP_PREFIX}{uids_npy.name}.buckets"))
+
+        def one(fi: int) -> pa.Table | None:
+            off, m, parts = 0, self.reached[fi], []
+            for b in ds.read_batches(self.files[fi], base + pool_cols, batch_rows=SUBSET_BATCH_ROWS):
+                sel = np.ones(b.num_rows, bool) if m is None else m[off: off + b.num_rows]
+                idx = np.flatnonzero(sel) + off
+                off += b.num_rows
+                t = pa.Table.from_batches([b]).filter(ds.arrow_mask(sel))
+                cols = {c: t[c] for c in ("uid", "url", "text")}
+                cols["shard"] = pa.nulls(t.num_rows, pa.int32())
+                cols["key"] = pa.nulls(t.num_rows, pa.string())
+                if has_boxes:
+                    cols["face_bboxes"] = t["face_bboxes"]
+                for sub_col, pc_ in self.score_columns:
+                    cols[sub_col] = t[pc_].cast(pa.float64())
+                for sub_col, per_file in self.scores.items():
+                    cols[sub_col] = pa.array(per_file[fi][idx], pa.float64(), from_pandas=True)
+                parts.append(pa.table(cols))
+            if not parts:
+                return None
+            t = pa.concat_tables(parts)
+            buckets.add(ds.encode_uid_array(t["uid"]))  # once per file: 2**BUCKET_BITS appends, not per batch
+            return t
+
+        writer = None
+        n = n_files = 0
+        try:
+            with atomic_path(dest, suffix=".parquet") as tmp:
+                try:
+                    for t in ds.bounded_map(one, range(len(self.files)), depth=2):  # 2 files' kept rows in RAM at most
+                        if t is None:
+                            continue
+                        if writer is None:
+                            # no dictionary pages: uid/url/text are (nearly) unique, so building a
+                            # dictionary that is then abandoned doubles the encoding time
+                            writer = pq.ParquetWriter(tmp, t.schema, use_dictionary=False, compression="zstd")
+                        writer.write_table(t)
+                        n += t.num_rows
+                        del t
+                        if n_files % TRIM_EVERY == TRIM_EVERY - 1:
+                            pa.default_memory_pool().release_unused()  # glibc keeps freed per-thread arenas otherwise
+                        n_files += 1
+                finally:
+                    if writer is not None:
+                        writer.close()
+                if writer is None:
+                    raise CurateError(f"{self.pool}: the metadata has no parquet files")
+            with atomic_path(uids_npy, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+                buckets.write_sorted_npy(fh)
+        finally:
+            buckets.close()
+        return n
+
+
+def compact_query(pool: Path, ledger: Path, steps: list[dict[str, Any]]) -> str:
+    """DuckDB SQL giving the compact ledger's rows in the full ledger's form (decisions.parquet's columns:
+    uid, step, step_index, kept, score, threshold, reason), one row per (uid, step) the uid reached.
+
+    A row reaches step i unless the ledger drops it at an earlier step; it is kept at step i unless
+    the ledger has a ``kept = false`` row for it there; its score is the ledger's (filter-made) or the
+    pool column the step cut on (clip_score)."""
+    glob = Path(pool).resolve() / "metadata" / "*.parquet"
+    score_cols = sorted({s["score_column"] for s in steps if s.get("score_column")})
+    pool_sel = ", ".join(["uid", r"regexp_extract(filename, '(\d+)\.parquet$', 1)::INTEGER AS file_index",
+                          "file_row_number::BIGINT AS row"] + score_cols)
+
+    def num(x) -> str:
+        if x is None:
+            return "NULL::DOUBLE"
+        return f"'{x}'::DOUBLE" if not np.isfinite(x) else repr(float(x)) + "::DOUBLE"
+
+    parts = []
+    for s in steps:
+        i = s["step_index"]
+        if s["filter"] == "pool":
+            parts.append(f"SELECT uid, {sql_str(s['step'])} AS step, {i}::INTEGER AS step_index, true AS kept, "
+                         f"NULL::DOUBLE AS score, NULL::DOUBLE AS threshold, NULL::VARCHAR AS reason FROM pool")
+            continue
+        score = (f"CASE WHEN isnan(p.{s['score_column']}) THEN NULL ELSE p.{s['score_column']}::DOUBLE END"
+                 if s.get("score_column") else "l.score")
+        parts.append(
+            f"SELECT p.uid, {sql_str(s['step'])} AS step, {i}::INTEGER AS step_index, coalesce(l.kept, true) AS kept, "
+            f"{score} AS score, {num(s['threshold'])} AS threshold, l.reason::VARCHAR AS reason FROM pool p "
+            f"LEFT JOIN gone g ON g.file_index = p.file_index AND g.row = p.row "
+            f"LEFT JOIN (SELECT * FROM led WHERE step_index = {i}) l ON l.file_index = p.file_index AND l.row = p.row "
+            f"WHERE g.at IS NULL OR g.at >= {i}")
+    union = "\nUNION ALL\n".join(parts)
+    return (f"-- The per-(uid, step) ledger rows of a compact ledger (docs/FORMATS.md, 'Compact ledger').\n"
+            f"-- Run: `curate ledger SUBSET`, or duckdb -c \"COPY ($(grep -v '^--' decisions.sql)) TO 'decisions.parquet'\"\n"
+            f"WITH pool AS (SELECT {pool_sel} FROM read_parquet({sql_str(glob)}, filename=true, file_row_number=true)),\n"
+            f"led AS (SELECT * FROM read_parquet({sql_str(ledger.resolve())})),\n"
+            f"gone AS (SELECT file_index, row, min(step_index) AS at FROM led WHERE NOT kept GROUP BY file_index, row)\n"
+            f"{union}\n")
+
+
+def expand_ledger(subset: str | os.PathLike, dest: str | os.PathLike | None = None,
+                  memory_limit: str = "3GB") -> Path:
+    """Write a compact-ledger SUBSET's per-(uid, step) rows as decisions.parquet (today's full ledger)."""
+    import duckdb
+
+    subset = Path(subset)
+    query = subset / COMPACT_QUERY
+    if not query.is_file():
+        if (subset / "decisions.parquet").is_file():
+            return subset / "decisions.parquet"
+        raise CurateError(f"{subset}: no {COMPACT_QUERY} (not a `curate filter` output with a compact ledger)")
+    dest = Path(dest) if dest else subset / "decisions.parquet"
+    sql = "\n".join(line for line in query.read_text().splitlines() if not line.startswith("--"))
+    con = duckdb.connect()
+    run_sql(con, f"SET memory_limit={sql_str(memory_limit)}")
+    run_sql(con, "SET preserve_insertion_order=false")
+    with atomic_path(dest, suffix=".parquet") as tmp:
+        run_sql(con, f"COPY ({sql}) TO {sql_str(tmp)} (FORMAT parquet)")
+    return dest
+
+
+@click.command("ledger")
+@click.argument("subset", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Parquet file to write [default: SUBSET/decisions.parquet].")
+def ledger_cmd(subset, out):
+    """Expand SUBSET's compact ledger into the per-(uid, step) rows (decisions.parquet's columns).
+
+    \b
+    `curate filter` on a large DataComp pool writes ledger.parquet (per step, the dropped rows with
+    their reason; kept rows are implied) instead of a row for every (uid, step); this writes the full
+    form from it and the pool (docs/FORMATS.md, 'Compact ledger'). A full-ledger SUBSET is left as is.
+    """
+    dest = expand_ledger(subset, out)
+    click.echo(f"{dest}: {pq.ParquetFile(dest).metadata.num_rows} ledger rows")
+
+
+def _stream_run(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_key: str,
+                fingerprints: dict[str, Any]) -> dict[str, Any]:
+    """`filter_pool` for a streamed recipe on a DataComp pool: compact ledger, subset in pool order."""
+    from curate.filter import datacomp_select as ds
+
+    t0 = time.time()
+    for stale in ("decisions.parquet", "report.html"):
+        (out / stale).unlink(missing_ok=True)
+    with ds.system_allocator(), atomic_path(out / COMPACT_LEDGER, suffix=".parquet") as ledger_tmp:
+        st = _Stream(cfg, recipe, pool, out, ledger_tmp)
+        try:
+            n_pool = sum(st.rows)
+            st.record("pool", "pool", n_pool, n_pool, None, 0.0)
+            for i, step in enumerate(recipe.steps, start=1):
+                if step.name == "clip_score":
+                    st.clip_step(i, step)
+                else:
+                    st.row_step(i, step)
+            steps_seconds = round(time.time() - t0, 3)
+        finally:
+            st.writer.close()
+        n_subset = st.write_subset(out / "subset.parquet", out / "uids.npy")
+    from curate.core.atomic import write_text
+
+    write_text(out / COMPACT_QUERY, compact_query(pool, out / COMPACT_LEDGER, st.ledger_steps))
+    executed = st.executed
+    counts = {"pool_rows": executed[0]["in"], "candidates": executed[0]["kept"], "subset": n_subset,
+              "steps": [{k: e[k] for k in ("step", "filter", "in", "kept", "dropped", "threshold", "cached", "seconds")}
+                        for e in executed]}
+    summary = {"recipe": recipe.name, "out": str(out), "pool": str(pool), "pool_rows": counts["pool_rows"],
+               "candidates": counts["candidates"], "kept": n_subset, "steps": counts["steps"], "up_to_date": False,
+               "seconds": None, "ledger": "compact"}
+    manifest = {
+        "run_key": run_key, "recipe": recipe.describe(), "recipe_hash": recipe.hash(),
+        "recipe_file": str(cfg.recipe), "recipe_text": Path(cfg.recipe).read_text(encoding="utf-8"),
+        "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
+        "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
+        "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
+        "ledger": {"form": "compact", "file": COMPACT_LEDGER, "query": COMPACT_QUERY, "steps": st.ledger_steps},
+        "ledger_semantics": "compact: ledger.parquet holds, per step, the rows it dropped (step_index, file_index, "
+                            "row = the pool file and its row number, reason) and, for steps whose filter makes "
+                            "scores, also its kept rows; rows not listed were kept. `curate ledger SUBSET` (or "
+                            "decisions.sql) gives the per-(uid, step) rows. subset.parquet is in pool order.",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if cfg.report:
+        from curate.filter.report import write_report
+        import duckdb
+
+        from curate.pool import datacomp as datacomp_pool
+
+        # The report reads per-step files of the full form: expanded here, only when a report is asked for.
+        con = duckdb.connect()
+        run_sql(con, f"SET memory_limit={sql_str(cfg.memory_limit)}")
+        run_sql(con, f"CREATE VIEW meta AS {datacomp_pool.meta_view_sql(pool)}")
+        full = out / ".cache" / "decisions_full.parquet"
+        full.parent.mkdir(parents=True, exist_ok=True)
+        expand_ledger(out, full, cfg.memory_limit)
+        records = []
+        for e in executed:
+            f = out / ".cache" / f"report_{e['step']}.parquet"
+            run_sql(con, f"COPY (SELECT uid, kept, score, threshold, reason FROM read_parquet({sql_str(full)}) "
+                         f"WHERE step = {sql_str(e['step'])}) TO {sql_str(f)} (FORMAT parquet)")
+            records.append(StepRecord(step=e["step"], filter=e["filter"], file=f, threshold=e["threshold"]))
+        write_report(out, manifest, con, records)
+        shutil.rmtree(out / ".cache", ignore_errors=True)
+    summary["seconds"] = round(time.time() - t0, 3)
+    summary["steps_seconds"] = steps_seconds
+    manifest["summary"] = summary
+    write_json(out / "manifest.json", manifest)  # written last: its presence with run_key marks completion
+    return summary
+
+
 def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
     """Run `cfg.recipe` over the pool; return a summary (counts per step, outputs, up_to_date)."""
     recipe = load_recipe(cfg.recipe)
@@ -600,12 +1101,14 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
 
-    runner = Runner(cfg, recipe, pool, out)
-    fingerprints = runner.input_fingerprints()
+    form = ledger_form(cfg, recipe, pool)
+    fingerprints = input_fingerprints(pool, recipe)
     base_key = stable_hash([FORMAT_VERSION, fingerprints, "pool"])
-    run_key = stable_hash([base_key, recipe.describe(), recipe.hash(), sorted(cfg.pretrained.items())])
+    run_key = stable_hash([base_key, recipe.describe(), recipe.hash(), sorted(cfg.pretrained.items())]
+                          + (["compact"] if form == "compact" else []))
     manifest_path = out / "manifest.json"
-    outputs = ["subset.parquet", "uids.npy", "decisions.parquet", "manifest.json"] + (["report.html"] if cfg.report else [])
+    ledger_files = ["decisions.parquet"] if form == "full" else [COMPACT_LEDGER, COMPACT_QUERY]
+    outputs = ["subset.parquet", "uids.npy", *ledger_files, "manifest.json"] + (["report.html"] if cfg.report else [])
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())
@@ -614,7 +1117,12 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
         if old.get("run_key") == run_key and all((out / o).exists() for o in outputs):
             click.echo(f"{out}: already up to date (recipe {recipe.name}, {old['counts']['subset']} rows kept); nothing written")
             return {**old["summary"], "up_to_date": True}
+    if form == "compact":
+        return _stream_run(cfg, recipe, pool, out, run_key, fingerprints)
+    for stale in (COMPACT_LEDGER, COMPACT_QUERY):
+        (out / stale).unlink(missing_ok=True)
 
+    runner = Runner(cfg, recipe, pool, out)
     t0 = time.time()
     pool_file = runner.run_pool_step(base_key)
     final, _ = runner.run_items(recipe.steps, pool_file, True, base_key)
@@ -708,17 +1216,23 @@ def _prune_cache(runner: Runner) -> None:
 @click.option("--workers", default=None, type=int, help="Processes for row-scope filters [default: CPU count, max 4].")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @click.option("--device", default="auto", show_default=True, help="Device for embedding target images (auto/cpu/cuda).")
-def filter_cmd(recipe, pool, out, pretrained, ray_address, memory_limit, batch_rows, workers, no_report, device):
+@click.option("--ledger", type=click.Choice(LEDGER_FORMS), default="auto", show_default=True,
+              help="full: decisions.parquet, a row per (uid, step). compact: ledger.parquet, per step the dropped rows "
+                   "(DataComp pools, streamed; `curate ledger SUBSET` expands it). auto: compact for DataComp pools of "
+                   f">= {COMPACT_MIN_ROWS:,} rows whose recipe streams, else full.")
+def filter_cmd(recipe, pool, out, pretrained, ray_address, memory_limit, batch_rows, workers, no_report, device, ledger):
     """Filter a pool with a YAML recipe into a subset (parquet + DataComp uids.npy + per-uid ledger).
 
     \b
     Writes to OUT: subset.parquet, uids.npy, decisions.parquet (why each uid was kept or dropped, per
     step), manifest.json and report.html. Re-running with unchanged inputs does nothing; changing a
-    step recomputes from that step on (per-step results are cached in OUT/.cache).
+    step recomputes from that step on (per-step results are cached in OUT/.cache). On a DataComp pool
+    of >= 1M rows whose recipe streams, the ledger is ledger.parquet (dropped rows per step; expand
+    with `curate ledger OUT`) and subset.parquet is in pool order (see --ledger).
     """
     cfg = FilterConfig(recipe=recipe, pool=pool, out=out, pretrained=parse_pretrained(pretrained),
                        ray_address=ray_address, memory_limit=memory_limit, batch_rows=batch_rows,
-                       report=not no_report, device=device, workers=workers)
+                       report=not no_report, device=device, workers=workers, ledger=ledger)
     s = filter_pool(cfg)
     if s.get("up_to_date"):
         return

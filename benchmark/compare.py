@@ -16,6 +16,9 @@ side is the baseline; every other side is compared with it (B - A, C - A, ...).
   recorded), are compared; the rest are listed with the reason.
 * p-values are Holm-corrected within each family (averages; groups; tasks) over all comparisons of the
   call, and verdicts use the corrected values.
+* Scores are only comparable between subsets of equally complete pools: each side's pool completeness
+  (bundle.json `pool_completeness`, or for a RUN folder the pool.json of the pool its subset's manifest
+  names) is compared, and a gap above `completeness_tolerance` (default 2 points) is a WARNING line.
 
 This module reads RUN folders and bundles itself and takes leaderboard rows from its caller
 (benchmark.leaderboard opens the database and defines the click command), so the leaderboard's
@@ -31,12 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from benchmark import stats as S
-from benchmark.results import main_value, read_json
+from benchmark.results import is_partial, main_value, read_json
 from benchmark.results import read_results as read_result_lines
 from curate.core.errors import CurateError
 
 RESULTS_FILE = "eval_results.jsonl"
 MIN_EFFECT = 0.005  # default smallest difference worth detecting (half a point; DataComp's seed sd ~0.006)
+# Largest gap in pool completeness (share of the pool's input rows downloaded, curate.pool.completeness)
+# between two compared entries before `curate compare` warns: DataComp users compared subsets of pools
+# downloaded at 78-94%; two points is about the run-to-run variation of one download of the same URLs.
+COMPLETENESS_TOLERANCE = 0.02
 FAMILIES = ("average", "group", "task")
 
 
@@ -49,6 +56,7 @@ class Seed:
     seed: int | None = None
     recipe: str | None = None
     results_file: Path | None = None
+    completeness: dict | None = None  # curate.pool.completeness of the pool the subset was filtered from
 
 
 @dataclass
@@ -65,17 +73,55 @@ def _seed_from_path(p: Path) -> Seed:
         if (p / RESULTS_FILE).is_file():
             info = read_json(p / "info.json", "run info") if (p / "info.json").is_file() else {}
             rfile = p / RESULTS_FILE
-            return Seed(str(p), _by_key(rfile), info.get("seed"), info.get("subset_hash"), rfile)
+            return Seed(str(p), _by_key(rfile), info.get("seed"), info.get("subset_hash"), rfile,
+                        _run_completeness(p, info))
         if (p / "bundle.json").is_file():
             decl = read_json(p / "bundle.json", "bundle declaration")
             rfile = p / "results.jsonl"
             return Seed(f"{decl.get('name', p.name)} seed {decl.get('seed')}", _by_key(rfile), decl.get("seed"),
-                        decl.get("uids_sha256") or decl.get("recipe"), rfile)
+                        decl.get("uids_sha256") or decl.get("recipe"), rfile,
+                        decl.get("pool_completeness") if isinstance(decl.get("pool_completeness"), dict) else None)
         raise CurateError(f"{p}: neither a RUN folder ({RESULTS_FILE}) nor a submission bundle (bundle.json); "
                           f"run `curate evaluate --run {p}` first")
     if p.is_file():
         return Seed(str(p), _by_key(p), None, None, p)
     raise CurateError(f"{p}: not found")
+
+
+def _run_completeness(run: Path, info: dict) -> dict | None:
+    """The completeness of the pool a RUN's subset came from (its manifest names the pool), or None."""
+    from benchmark.provenance import run_pool_completeness
+
+    return run_pool_completeness(run, info)
+
+
+def completeness_check(a: Side, b: Side, tolerance: float = COMPLETENESS_TOLERANCE) -> dict:
+    """How complete each side's pool(s) were and whether they differ by more than `tolerance`.
+
+    {"a": [shares], "b": [shares], "gap": max |a - b| or None, "tolerance", "warning": text or None}.
+    A share that is unknown (imported DataComp metadata, a pool from before pool.json, a moved pool) gives a
+    note instead: comparability cannot be checked.
+    """
+    def shares(side):
+        return [None if not s.completeness else s.completeness.get("success_share") for s in side.seeds]
+
+    sa, sb = shares(a), shares(b)
+    out = {"a": sa, "b": sb, "gap": None, "tolerance": tolerance, "warning": None, "note": None}
+    ka, kb = [x for x in sa if x is not None], [x for x in sb if x is not None]
+    if ka and kb:
+        gap = max(abs(x - y) for x in ka for y in kb)
+        out["gap"] = gap
+        if gap > tolerance:
+            out["warning"] = (f"pool completeness differs by {gap:.1%} (A {min(ka):.1%}-{max(ka):.1%}, B "
+                              f"{min(kb):.1%}-{max(kb):.1%} of the pool's input rows downloaded), more than the "
+                              f"tolerance {tolerance:.1%}: the subsets were filtered from unequally complete pools, "
+                              "so the scores are not directly comparable")
+    if len(ka) < len(sa) or len(kb) < len(sb):
+        why = sorted({(s.completeness or {}).get("note") or "not recorded" for s in a.seeds + b.seeds
+                      if not s.completeness or s.completeness.get("success_share") is None})
+        out["note"] = "pool completeness unknown for some entries (" + "; ".join(why)[:200] + "): comparability of " \
+                      "the pools not checked"
+    return out
 
 
 def _by_key(path: Path) -> dict[str, dict]:
@@ -164,6 +210,8 @@ def shared_tasks(a: Side, b: Side) -> tuple[list[str], dict[str, str], list[str]
                 keys.append(k)
                 if None in fa | fb:
                     unknown.append(k)
+    for k in sorted({k for s in a.seeds + b.seeds for k, r in s.results.items() if is_partial(r)}):
+        excluded[k] = "partial eval set (scored with --allow-partial): not a full score"  # main_value is None
     return keys, excluded, unknown
 
 
@@ -205,12 +253,17 @@ def _paired_cells(a: Seed, b: Seed, key: str):
 
 
 def compare_sides(a: Side, b: Side, min_effect: float = MIN_EFFECT, level: float = S.LEVEL,
-                  draws: int = S.DRAWS, seed: int = 0) -> dict:
+                  draws: int = S.DRAWS, seed: int = 0,
+                  completeness_tolerance: float = COMPLETENESS_TOLERANCE) -> dict:
     """One comparison B - A: rows for each shared task, DataComp group and the average (unadjusted p)."""
     keys, excluded, unknown = shared_tasks(a, b)
     ka, kb = len(a.seeds), len(b.seeds)
     rep = {"a": a.label, "b": b.label, "seeds_a": ka, "seeds_b": kb, "tasks": keys, "not_compared": excluded,
            "fingerprint_unknown": unknown, "level": level, "min_effect": min_effect, "rows": [], "notes": []}
+    rep["completeness"] = completeness_check(a, b, completeness_tolerance)
+    rep["warnings"] = [rep["completeness"]["warning"]] if rep["completeness"]["warning"] else []
+    if rep["completeness"]["note"]:
+        rep["notes"].append(rep["completeness"]["note"])
     if not keys:
         rep["notes"].append("no shared task: nothing to compare")
         rep["mode"] = "none"
@@ -318,9 +371,10 @@ def _headline(rep: dict, avg: dict | None) -> str:
 
 
 def compare(base: Side, others: list[Side], min_effect: float = MIN_EFFECT, level: float = S.LEVEL,
-            draws: int = S.DRAWS, seed: int = 0) -> list[dict]:
+            draws: int = S.DRAWS, seed: int = 0,
+            completeness_tolerance: float = COMPLETENESS_TOLERANCE) -> list[dict]:
     """Every other side against `base`, Holm-corrected together."""
-    reports = [compare_sides(base, o, min_effect, level, draws, seed) for o in others]
+    reports = [compare_sides(base, o, min_effect, level, draws, seed, completeness_tolerance) for o in others]
     apply_holm(reports)
     return reports
 
@@ -342,6 +396,7 @@ def format_report(rep: dict) -> str:
     if rep["fingerprint_unknown"]:
         lines.append(f"eval-set fingerprint not recorded for {len(rep['fingerprint_unknown'])} task(s) "
                      "(results older than fingerprints): assumed the same eval set")
+    lines += [f"WARNING: {w}" for w in rep.get("warnings", [])]
     lines += [f"note: {n}" for n in rep["notes"]]
     if rep["rows"]:
         w = max([len(r["name"]) + (6 if r["kind"] == "group" else 0) for r in rep["rows"]] + [8])

@@ -11,10 +11,21 @@ everything needed to re-check a claim against the pool:
       manifest.json    the filter manifest (recipe hash, input hashes, counts per step)
       info.json        the training run's info.json (scale, hyperparameters, seed, versions, official flag)
       versions.json    tool versions at submission time
+      results.items/   the run's per-item results, one zstd parquet per task (RUN/eval_results.items/, byte
+                       for byte; hashed and listed in bundle.json like every other file)
 
 `curate submit RUN` writes the directory and a deterministic ``.tar.gz`` of it; `curate verify BUNDLE --pool POOL`
-re-derives every claim (uid membership in the pool, size, hashes, official hyperparameters, task coverage) and
-names the first reason a tampered bundle fails.
+re-derives every claim (uid membership in the pool, size, hashes, official hyperparameters, task coverage, every
+score recomputed from the per-item results) and names the first reason a tampered bundle fails.
+
+What the item check proves: the claimed scores are what the bundle's own per-item predictions give, so a bundle
+is consistent with itself (an edited score, or an edited prediction, is caught even after re-hashing). It cannot
+prove the predictions came from the model: whoever fabricates predictions and scores together and re-hashes
+passes. Only re-running the evaluation on the checkpoint can check that.
+
+bundle.json also carries `pool_completeness` (curate.pool.completeness: the share of the pool's input rows
+that downloaded, read from the pool.json of the pool the subset was filtered from, at submit time) and the
+recipe's hash, so the leaderboard can group seeds by recipe and `curate compare` can warn about unequal pools.
 """
 
 from __future__ import annotations
@@ -40,13 +51,17 @@ import numpy as np
 
 from curate.core import atomic, uids as uidlib
 from curate.core.hashing import sha256_file
-from benchmark.results import average_score, first, read_json, read_results
+from benchmark.provenance import pool_completeness_of_subset, subset_dir_of
+from benchmark.results import average_score, first, main_value, read_json, read_results
 from curate.core.errors import CurateError
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILES_REQUIRED = ("results.jsonl", "uids.npy", "uids.npy.sha256", "info.json", "versions.json")
-# caps for safe extraction of untrusted tarballs: a bundle is a few files of metadata plus one uid array
-MAX_MEMBERS = 64
+ITEMS_DIR = "results.items"  # per-item files beside results.jsonl, where benchmark.evaluate.read_items looks
+# caps for safe extraction of untrusted tarballs: a bundle is a few files of metadata, one uid array and one
+# per-item file per task (DataComp's 40 + the offline suites' 13)
+MAX_MEMBERS = 256
+SCORE_TOL = 1e-9  # recomputed vs claimed metric (the same arithmetic gives equal floats; JSON keeps them exact)
 MAX_TOTAL_BYTES = 4 << 30
 TOOL_PACKAGES = ("curate", "torch", "torchvision", "open_clip_torch", "img2dataset", "webdataset", "numpy",
                  "pyarrow", "duckdb", "faiss-cpu", "ray")
@@ -63,21 +78,6 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def subset_dir_of(run: Path, info: dict) -> Path | None:
-    """Locate the SUBSET a run was trained on from its info.json (the trainer records its path)."""
-    raw = first(info, "subset", "subset_path", "data", "data_path")
-    if isinstance(raw, dict):
-        raw = first(raw, "path", "dir")
-    if not raw:
-        return None
-    p = Path(raw)
-    if not p.is_absolute() and not p.exists():
-        p = (run / raw)
-    if not (p / "uids.npy").is_file() and (p.parent / "uids.npy").is_file():
-        p = p.parent  # the trainer was pointed at SUBSET/shards
-    return p
 
 
 def official_hyperparameters(scale: str) -> dict | None:
@@ -165,6 +165,28 @@ def _recipe_name(manifest: dict, recipe_text: str | None) -> str | None:
     return None
 
 
+def run_items(run: Path, results: list[dict]) -> tuple[dict[str, bytes], list[str]]:
+    """({bundle path: bytes} of the RUN's per-item files of the same model, scored registered tasks without one)."""
+    from benchmark.evaluate import items_meta, items_path
+    from benchmark.tasks import TASKS
+
+    rfile = run / "eval_results.jsonl"
+    files, missing = {}, []
+    for r in results:
+        if r["key"] not in TASKS or main_value(r) is None:
+            continue
+        path = items_path(rfile, r["key"])
+        try:
+            meta = items_meta(path)
+        except CurateError:
+            meta = None
+        if meta is None or (r.get("model_id") is not None and meta.get("model_id") != r.get("model_id")):
+            missing.append(r["key"])
+            continue
+        files[f"{ITEMS_DIR}/{path.name}"] = path.read_bytes()
+    return files, sorted(missing)
+
+
 def _safe_name(name: str) -> str:
     clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
     if not clean:
@@ -178,10 +200,10 @@ def _write_tarball(bundle: Path, dest: Path) -> None:
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for p in sorted(bundle.iterdir()):
+        for p in sorted(bundle.rglob("*"), key=lambda q: q.relative_to(bundle).as_posix()):
             if not p.is_file() or p.name.startswith(atomic.TEMP_PREFIX):
                 continue
-            ti = tarfile.TarInfo(f"{bundle.name}/{p.name}")
+            ti = tarfile.TarInfo(f"{bundle.name}/{p.relative_to(bundle).as_posix()}")
             ti.size = p.stat().st_size
             ti.mtime = 0
             ti.mode = 0o644
@@ -249,6 +271,8 @@ def submit(cfg: SubmitConfig) -> dict:
         if isinstance(prev, dict):
             versions = prev
     files["versions.json"] = (json.dumps(versions, indent=2, sort_keys=True) + "\n").encode()
+    item_files, no_items = run_items(run, results)
+    files.update(item_files)
 
     avg, missing = average_score(results)
     declared = {
@@ -265,6 +289,11 @@ def submit(cfg: SubmitConfig) -> dict:
         "tasks": sorted(r["key"] for r in results),
         "tasks_missing": missing,
         "average": avg,
+        "recipe_hash": first(manifest, "recipe_hash", "recipe_sha256"),
+        "pool_completeness": pool_completeness_of_subset(subset),
+        "items": {"dir": ITEMS_DIR, "tasks": sorted(f.split("/", 1)[1][:-len(".parquet")].replace("--", "/")
+                                                    for f in item_files),
+                  "without_items": no_items},
         "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())},
     }
     prev_bundle = out / "bundle.json"
@@ -284,6 +313,10 @@ def submit(cfg: SubmitConfig) -> dict:
         for stale in ("recipe.yaml", "manifest.json"):
             if stale not in files and (out / stale).exists():
                 (out / stale).unlink()
+        if (out / ITEMS_DIR).is_dir():
+            for p in (out / ITEMS_DIR).iterdir():
+                if f"{ITEMS_DIR}/{p.name}" not in files and p.is_file():
+                    p.unlink()
         declared["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic.write_json(out / "bundle.json", declared)
     tar_path = out.with_name(out.name + ".tar.gz")
@@ -455,6 +488,64 @@ def _check_hparams(rep: VerifyReport, info: dict, scale: str) -> None:
         rep.add("official hyperparameters", True, f"{len(compared)} values equal scale {scale!r}")
 
 
+def _safe_member(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and not name.startswith(("/", "\\"))
+
+
+def _check_item_scores(rep: VerifyReport, bdir: Path, results: list[dict], files: dict) -> None:
+    """Recompute every claimed metric of each task from the bundle's per-item results; a mismatch fails.
+
+    This proves the bundle consistent with itself (scores = what its predictions give), not that the
+    predictions came from the model (module docstring)."""
+    from benchmark.evaluate import items_path, metrics_from_items, read_items
+    from benchmark.tasks import TASKS
+
+    rfile = bdir / "results.jsonl"
+    checked, problems, without = 0, [], []
+    for r in results:
+        key = r["key"]
+        rel = f"{ITEMS_DIR}/{items_path(rfile, key).name}"
+        if rel not in files:
+            if key in TASKS and main_value(r) is not None:
+                without.append(key)
+            continue
+        if key not in TASKS:
+            problems.append(f"{key}: per-item file for a task curate does not know")
+            continue
+        try:
+            items, meta = read_items(rfile, key, model_id=r.get("model_id"))
+            got = metrics_from_items(TASKS[key], items, meta)
+        except (CurateError, KeyError, ValueError) as e:
+            problems.append(f"{key}: per-item results unreadable ({getattr(e, 'message', e)})")
+            continue
+        if meta.get("task") not in (None, key):
+            problems.append(f"{key}: per-item file is of task {meta.get('task')!r}")
+        fp = r.get("evalset_fingerprint")
+        if fp is not None and meta.get("evalset_fingerprint") not in (None, fp):
+            problems.append(f"{key}: per-item file is of eval set {meta.get('evalset_fingerprint')}, results.jsonl "
+                            f"claims {fp}")
+        claimed = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+        mm = r.get("main_metric")
+        if isinstance(mm, str) and got.get(mm) is None:
+            problems.append(f"{key}: main metric {mm} cannot be recomputed from the per-item results")
+        for name, v in claimed.items():
+            g = got.get(name)
+            if name not in got or v is None or g is None:
+                continue
+            if not isinstance(v, (int, float)) or not math.isclose(float(v), float(g), rel_tol=SCORE_TOL,
+                                                                    abs_tol=SCORE_TOL):
+                problems.append(f"{key}: {name} claimed {v!r}, its per-item results give {g!r}")
+        checked += 1
+    if problems:
+        rep.add("item scores", False, "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+    elif checked:
+        extra = f"; warning: {len(without)} scored task(s) without per-item results" if without else ""
+        rep.add("item scores", True, f"{checked} task(s) recomputed from per-item results{extra}")
+    else:
+        rep.checks.append(("item scores", True, "warning: no per-item results in the bundle; scores not recomputed"))
+
+
 def _num_eq(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
@@ -478,14 +569,22 @@ def verify_dir(bdir: Path, pool: Path, require_success: bool = False) -> VerifyR
         return rep
     # 1. every file matches the hash declared for it, and nothing declared is absent
     files = decl.get("files") or {}
+    unsafe = [f for f in files if not _safe_member(f)]
+    if unsafe:
+        rep.add("file hashes", False, f"bundle.json lists files outside the bundle: {', '.join(sorted(unsafe))[:200]}")
+        return rep
     bad = [f for f, h in files.items() if not (bdir / f).is_file() or sha256_file(bdir / f) != h]
     undeclared = [f for f in BUNDLE_FILES_REQUIRED if f not in files]
-    if bad or undeclared:
+    undeclared_items = sorted(f"{ITEMS_DIR}/{p.name}" for p in (bdir / ITEMS_DIR).glob("*")
+                              if f"{ITEMS_DIR}/{p.name}" not in files) if (bdir / ITEMS_DIR).is_dir() else []
+    if bad or undeclared or undeclared_items:
         detail = ""
         if bad:
             detail += f"sha256 mismatch or missing: {', '.join(sorted(bad))}"
         if undeclared:
             detail += (" ; " if detail else "") + f"not declared in bundle.json: {', '.join(undeclared)}"
+        if undeclared_items:
+            detail += (" ; " if detail else "") + f"not declared in bundle.json: {', '.join(undeclared_items)}"
         rep.add("file hashes", False, detail)
     else:
         rep.add("file hashes", True, f"{len(files)} files match bundle.json")
@@ -550,9 +649,28 @@ def verify_dir(bdir: Path, pool: Path, require_success: bool = False) -> VerifyR
             rep.add("average", False, f"bundle.json declares average {dav!r}, results.jsonl gives {avg!r}")
         else:
             rep.add("average", True, f"{avg:.4f} over {len(results) - len(missing)} scored tasks" if avg is not None else "no scored task")
+        _check_item_scores(rep, bdir, results, files)
     # 5. every uid is in the pool
     _check_uids_in_pool(rep, arr, pool, require_success)
+    _note_completeness(rep, decl, pool)
     return rep
+
+
+def _note_completeness(rep: VerifyReport, decl: dict, pool: Path) -> None:
+    """Informational: the pool completeness the bundle declares beside that of the pool verified against
+    (a subset filtered from a less complete copy of the pool is a valid bundle, but not comparable)."""
+    from curate.pool.completeness import pool_completeness
+
+    claimed = decl.get("pool_completeness") if isinstance(decl.get("pool_completeness"), dict) else {}
+    here = pool_completeness(pool) if Path(pool).is_dir() else {"success_share": None, "note": "a uid list"}
+    a, b = claimed.get("success_share"), here.get("success_share")
+    if a is None or b is None:
+        detail = (f"declared {claimed.get('note') or 'not recorded'}; this pool: {here.get('note')}")
+    else:
+        detail = f"declared {a:.1%} of the input downloaded, this pool {b:.1%}"
+        if abs(a - b) > 0.02:
+            detail = "warning: " + detail + " (scores are comparable only between equally complete pools)"
+    rep.checks.append(("pool completeness", True, detail))
 
 
 def verify(cfg: VerifyConfig) -> VerifyReport:
@@ -582,8 +700,9 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
               help="Add the bundle to the local leaderboard (--db, or the default leaderboard file).")
 def submit_command(run: Path, name: str | None, out: Path | None, subset: Path | None, db: Path | None,
                    leaderboard: bool) -> None:
-    """Pack a finished RUN into a bundle anyone can verify: results.jsonl (DataComp format), uids.npy and its
-    sha256, the recipe, the filter manifest, the training info.json and tool versions.
+    """Pack a finished RUN into a bundle anyone can verify: results.jsonl (DataComp format), the per-item
+    results (results.items/), uids.npy and its sha256, the recipe, the filter manifest, the training info.json,
+    tool versions, and the completeness of the pool the subset came from.
 
     Re-running on an unchanged RUN rewrites nothing. Check a bundle with `curate verify BUNDLE --pool POOL`.
     """
@@ -611,7 +730,9 @@ def verify_command(bundle: Path, pool: Path, require_success: bool) -> None:
 
     Checks: every file matches its declared sha256; uids.npy is valid DataComp format and its size equals the
     declared size; every uid exists in the pool; the run used the official hyperparameters of its scale
-    (benchmark/scales.py); results cover the declared tasks and give the declared average. Tarballs are
+    (benchmark/scales.py); results cover the declared tasks and give the declared average; every score is what
+    the bundle's per-item results give (this proves the bundle consistent with itself, not that a re-hashed
+    fabricated one is honest: docs/FORMATS.md, "Submission bundle"). Tarballs are
     extracted safely (no absolute paths, '..' or links). Exits 1 and names the reason when a check fails.
     """
     rep = verify(VerifyConfig(bundle=bundle, pool=pool, require_success=require_success))

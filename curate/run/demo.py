@@ -104,7 +104,7 @@ def _pool_complete(pool: Path) -> bool:
 def demo(cfg: DemoConfig) -> dict:
     """Run the demo; return {stages, table, html, db}."""
     from benchmark.evalsets import BuildOfflineConfig, build_offline as build_evalsets
-    from benchmark.leaderboard import compare, format_compare, format_standings, standings, write_html
+    from benchmark.leaderboard import format_standings, standings, write_html
     from curate.pool.download import DownloadConfig, download
     from curate.embed.stage import EmbedConfig, embed
     from curate.pool.offline.build import OfflinePoolConfig, build_offline
@@ -160,17 +160,27 @@ def demo(cfg: DemoConfig) -> dict:
             click.echo(f"      recipe {name} did not complete: {e.message}", err=True)
     rows = standings(db, cfg.scale)
     html = write_html(db, w / "leaderboard.html", cfg.scale)
-    names = [r.name for r in rows]
-    cmp_text = ""
-    if "no_filter" in names and len(names) > 1:
-        best = next(n for n in names if n != "no_filter")
-        cmp_text = format_compare("no_filter", best, compare(db, "no_filter", best, cfg.scale))
+    cmp_text = compare_verdict(db, [r.name for r in rows], cfg.scale)
     seconds = round(time.perf_counter() - t_start, 1)
     summary = {"stages": log.records, "seconds": seconds, "scorer_caption_swap_auc": auc, "failed_recipes": failed,
                "table": format_standings(rows), "compare": cmp_text,
                "html": str(html), "db": str(db), "scale": cfg.scale, "seeds": cfg.seeds, "size": cfg.size}
     atomic.write_json(w / "demo.json", summary)
     return summary
+
+
+def compare_verdict(db: Path, names: list[str], scale: str) -> str:
+    """`curate compare no_filter BEST`'s report (intervals, p-values, verdict) for the best-ranked other recipe;
+    "" when there is nothing to compare. With one seed per recipe it says that seed variance is unknown."""
+    from benchmark import compare as C
+    from benchmark.leaderboard import db_side
+
+    # a leaderboard label joins the names of one recipe hash ("a / b"); each name is a submission
+    names = [n.split(" / ")[0] for n in names]
+    if "no_filter" not in names or len(names) < 2:
+        return ""
+    best = next(n for n in names if n != "no_filter")
+    return C.format_report(C.compare(db_side(db, "no_filter", scale), [db_side(db, best, scale)])[0])
 
 
 def _evalsets(summary: dict) -> dict:

@@ -17,6 +17,15 @@ instance the candidates, associations and hits), with the model id, task and eva
 file's metadata. They are what `benchmark.stats` resamples for intervals and paired comparisons, and
 `metrics_from_items` recomputes every reported metric from them exactly. Each is written before its
 results line, so a results line written by this version always has its item file.
+
+Integrity: before anything is scored, each task's items (webdataset samples in its shards) are counted and
+checked against the size it must have - the build manifest's `n` (`build.json`, written with every set curate
+builds or converts) or else the task registry's `size` (a DataComp set as downloaded) - because a missing shard
+or deleted items would otherwise score as a full, smaller set (clip_benchmark once scored one shard of many
+without a word). A partial set is refused with a CurateError naming the task, the counts and how to rebuild
+it; with `--allow-partial` it is scored and its line says `"partial": true` with `n_expected`, and every
+reader of results (benchmark.results.main_value: averages, the leaderboard, bundles, `curate compare`)
+treats it as not scored.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ class EvalConfig:
     num_workers: int = 1
     force: bool = False  # recompute tasks already in the results file
     progress: bool | None = None  # tqdm bars; None = only on a terminal
+    allow_partial: bool = False  # score a set with fewer (or more) items than expected, marked "partial"
 
 
 def resolve_model(cfg: EvalConfig) -> tuple[str, str | None, Path]:
@@ -298,6 +308,80 @@ _RUNNERS = {CLASSIFICATION: eval_classification, WILDS: eval_classification, FAI
 
 
 # --------------------------------------------------------------------------------------------
+# Integrity: is the eval set complete?
+# --------------------------------------------------------------------------------------------
+
+
+def count_items(es: EvalSet) -> int:
+    """Samples in the set's shards, counted from the tar headers alone (nothing is decoded).
+
+    A sample is a run of consecutive members with the same key (the name up to the first dot of its base
+    name), which is how webdataset groups them when the set is scored."""
+    import tarfile
+
+    n = 0
+    for shard in es.shards:
+        last = None
+        try:
+            with tarfile.open(shard, "r:*") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, _, base = m.name.rpartition("/")
+                    key = (d, base.split(".", 1)[0])
+                    if key != last:
+                        n, last = n + 1, key
+        except (tarfile.TarError, OSError) as e:
+            raise CurateError(f"{es.task.key}: shard {shard} is unreadable ({e}); {rebuild_hint(es.task)}") from None
+    return n
+
+
+def expected_items(task: Task, folder: Path) -> tuple[int | None, str]:
+    """(items the set must have, where that number comes from): the build manifest's `n` (folder/build.json,
+    written by `curate evalsets build-offline` and for every set curate converts), else the registry's
+    `size` for a DataComp task; (None, why) when neither exists."""
+    manifest = folder / "build.json"
+    if manifest.is_file():
+        try:
+            n = json.loads(manifest.read_text(encoding="utf-8")).get("n")
+        except (ValueError, AttributeError):
+            n = None
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return n, f"its build manifest {manifest}"
+        raise CurateError(f"{task.key}: {manifest} has no item count 'n'; {rebuild_hint(task)}")
+    if task.size > 0:
+        return task.size, "the task registry (benchmark/tasks.py)"
+    return None, f"no build manifest ({manifest} not found) and no size in the task registry"
+
+
+def rebuild_hint(task: Task) -> str:
+    if task.download:
+        return f"download it again with `curate evalsets download --tasks {task.key}`"
+    return "rebuild it with `curate evalsets build-offline` (with the same --pool-dir as before)"
+
+
+def check_complete(task: Task, es: EvalSet) -> dict | None:
+    """None when the set has exactly the expected items; else {"n_expected", "n_found", "message"}.
+    The caller refuses it, or with --allow-partial scores it marked partial."""
+    expected, source = expected_items(task, es.root)
+    found = count_items(es)
+    listed = es.root / "test" / "nshards.txt"
+    n_listed = int(listed.read_text().strip()) if listed.is_file() else len(es.shards)  # open_evalset checked it
+    absent = [f"{i}.tar" for i in range(n_listed) if not (es.root / "test" / f"{i}.tar").is_file()] \
+        if listed.is_file() else []
+    if expected is not None and found == expected and not absent:
+        return None
+    lost = f"; {listed} lists {n_listed} shards, {', '.join(absent[:5])} missing" if absent else ""
+    if expected is None:
+        msg = f"{task.key}: cannot check that {es.root} is complete ({source}{lost}); {rebuild_hint(task)}"
+    else:
+        msg = (f"{task.key}: the eval set in {es.root} has {found} items in {len(es.shards)} shard(s), but "
+               f"{expected} are expected ({source}{lost}): it is partial (a shard or items are missing); "
+               f"{rebuild_hint(task)}")
+    return {"n_expected": expected, "n_found": found, "message": msg}
+
+
+# --------------------------------------------------------------------------------------------
 # Per-item results
 # --------------------------------------------------------------------------------------------
 
@@ -488,8 +572,9 @@ def write_results(path: Path, results: dict[str, dict]) -> None:
 def aggregates(results: dict[str, dict]) -> dict:
     """DataComp's average over its 38 scored tasks and, separately, the offline suite's average."""
     offline_scored = [k for k in OFFLINE_KEYS if TASKS[k].scored]
-    return {"datacomp": M.datacomp_average(results, DATACOMP_SCORED),
-            "offline": M.datacomp_average(results, offline_scored)}
+    full = {k: r for k, r in results.items() if not r.get("partial")}  # a partial set counts as missing
+    return {"datacomp": M.datacomp_average(full, DATACOMP_SCORED),
+            "offline": M.datacomp_average(full, offline_scored)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +607,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     # scores of another model (e.g. a re-trained checkpoint) are dropped, never mixed; --force
     # recomputes the selected tasks and keeps this model's other results
     selected = {t.key for t in tasks}
-    results = {k: r for k, r in existing.items() if r.get("model_id") == mid and not (cfg.force and k in selected)}
+    # a partial score is reused only while --allow-partial is given: without it the set is checked again
+    results = {k: r for k, r in existing.items() if r.get("model_id") == mid and not (cfg.force and k in selected)
+               and not (r.get("partial") and k in selected and not cfg.allow_partial)}
     stale = sorted(k for k, r in existing.items() if r.get("model_id") != mid)
     if stale:
         log.warning("dropping %d results of another model from %s", len(stale), out)
@@ -535,15 +622,25 @@ def evaluate(cfg: EvalConfig) -> dict:
             skipped[task.key] = "unscored bias task (FairFace/UTKFace): not evaluated by curate"
             continue
         try:
-            todo.append((task, open_evalset(task, root)))
+            es = open_evalset(task, root, allow_missing_shards=True)  # check_complete counts what is there
         except MissingEvalSet as e:
             missing[task.key] = str(e)
+            continue
+        todo.append((task, es, check_complete(task, es)))
+    partial = [(t, p) for t, _, p in todo if p is not None]
+    if partial and not cfg.allow_partial:
+        raise CurateError("refusing to score partial evaluation sets (a missing shard must never pass as a full "
+                          "score):\n  " + "\n  ".join(p["message"] for _, p in partial)
+                          + "\nor pass --allow-partial to score them marked partial (kept out of averages, the "
+                          "leaderboard and compare)")
+    for t, p in partial:
+        log.warning("%s (scored anyway: --allow-partial; marked partial)", p["message"])
     reused = [t.key for t in tasks if t.key in results]
 
     computed = []
     if todo:
         lm = load_model(arch, ckpt, cfg.device)
-        for task, es in todo:
+        for task, es, incomplete in todo:
             t0 = time.perf_counter()
             res = _RUNNERS[task.type](lm, task, es, cfg, progress)
             failed = res.pop("failed")
@@ -559,6 +656,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             }
             if rec["n"] + rec["n_failed"] != rec.pop("total"):
                 raise AssertionError(f"{task.key}: samples not accounted for")  # a bug, not a user error
+            if incomplete is not None:  # only with --allow-partial: never read as a full score
+                rec.update(partial=True, n_expected=incomplete["n_expected"])
             results[task.key] = rec
             write_results(out, results)  # after every task: a killed run resumes from here
             computed.append(task.key)
@@ -599,7 +698,9 @@ def format_table(summary: dict) -> str:
     for key, rec in summary["results"].items():
         v = rec["metrics"].get(rec["main_metric"])
         rows.append(f"{key:52s} {rec['main_metric']:22s} {_fmt(v)} {rec['n']:7d}"
-                    + (f"  ({rec['n_failed']} unreadable)" if rec.get("n_failed") else ""))
+                    + (f"  ({rec['n_failed']} unreadable)" if rec.get("n_failed") else "")
+                    + (f"  PARTIAL: {rec['n'] + rec.get('n_failed', 0)} of {rec.get('n_expected')} items, not a "
+                       "full score (not in averages)" if rec.get("partial") else ""))
     for key, reason in summary["missing"].items():
         rows.append(f"{key:52s} {'MISSING':22s} {'':>6s} {'':>7s}  {reason}")
     for name, agg in summary["aggregates"].items():
@@ -634,8 +735,13 @@ def format_table(summary: dict) -> str:
 @click.option("--workers", "num_workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="Data loader processes decoding images while the model runs.")
 @click.option("--force", is_flag=True, help="Recompute tasks that already have results.")
+@click.option("--allow-partial", is_flag=True,
+              help="Score eval sets whose item count differs from the expected size (a missing shard, deleted "
+                   "items) instead of refusing them; their lines say \"partial\": true and they count as not "
+                   "scored in averages, the leaderboard and compare.")
 @click.option("--list-tasks", is_flag=True, help="List the task registry and exit.")
-def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, device, num_workers, force, list_tasks):
+def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, device, num_workers, force, allow_partial,
+                 list_tasks):
     """Zero-shot evaluation on DataComp's 38 tasks and the offline suite.
 
     Writes one JSON line per task to eval_results.jsonl and prints a table. Tasks whose data is not
@@ -650,7 +756,7 @@ def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, devic
         return
     summary = evaluate(EvalConfig(run=run, model=model, pretrained=pretrained, tasks=list(tasks) or None,
                                   evalsets=evalsets, out=out, batch_size=batch_size, device=device,
-                                  num_workers=num_workers, force=force))
+                                  num_workers=num_workers, force=force, allow_partial=allow_partial))
     click.echo(format_table(summary))
     if summary["reused"] and not summary["computed"]:
         click.echo(f"already up to date: {len(summary['reused'])} task(s) reused from {summary['results_file']}")

@@ -61,7 +61,10 @@ def main_value(r: dict) -> float | None:
 
     The evaluator (benchmark/evaluate.py) names the metric in ``main_metric`` and stores the value in
     ``metrics[main_metric]``; a numeric ``main_metric`` (the value itself) is accepted too. None means the
-    task was not scored (its data was absent). Raises ValueError for a value that is not a finite number.
+    task was not scored (its data was absent) or was scored on a partial eval set (``"partial": true``,
+    written only under ``curate evaluate --allow-partial``): a partial score is never a full one, so averages,
+    bundles, the leaderboard and ``curate compare`` all leave it out. Raises ValueError for a value that is
+    not a finite number.
     """
     mm = r.get("main_metric")
     if isinstance(mm, str):
@@ -74,7 +77,12 @@ def main_value(r: dict) -> float | None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{where} = {v!r} is not a finite number")
-    return float(v)
+    return None if is_partial(r) else float(v)
+
+
+def is_partial(r: dict) -> bool:
+    """Whether a result line was scored on a partial eval set (fewer or more items than expected)."""
+    return r.get("partial") is True
 
 
 def average_score(results: list[dict]) -> tuple[float | None, list[str]]:

@@ -7,8 +7,9 @@ Output, one file per pool shard (docs/FORMATS.md, "Embeddings"):
         text_emb   fixed_size_list<float16>[d]  L2-normalised
         clip_score float32                      cosine(image, text) from the float32 vectors; null with image_emb
         error      string                       null, or why the image has no embedding
-    key-value metadata: curate.model_id, curate.arch, curate.pretrained, curate.dims, and a fingerprint
-    of the shard it came from (so a changed shard is recomputed, an unchanged one skipped).
+    key-value metadata: curate.format, curate.model_id, curate.arch, curate.pretrained, curate.dims,
+    curate.shard, and a fingerprint of the shard it came from (so a changed shard is recomputed, an
+    unchanged one skipped).
 
 Rows == the shard's `status == "success"` metadata rows, same uids, same order: nothing is dropped
 silently. Each file is written atomically, so a killed run resumes at the first unfinished shard;
@@ -495,13 +496,18 @@ class Embedder:
 
 
 def _run_ray(cfg: EmbedConfig, mid: str, jobs: list[ShardJob], progress) -> list[dict]:
+    """Hand each actor one shard at a time. An actor whose process or node dies mid-shard has written
+    nothing of that shard (files are atomic), so its shard goes back to the queue for the other actors; the
+    dead actor is not replaced, since its node may be gone and an actor waiting for resources that never
+    come would hang the run. Only when every actor has died is it a MachineFailure (naming the lost nodes);
+    a rerun then resumes at the unfinished shards."""
     try:
         import ray
-        from ray.util import ActorPool
     except ImportError:
         from curate.core.errors import MissingDependencyError
 
         raise MissingDependencyError("ray", "pip install 'ray[default]'") from None
+    from curate.core.ray_failures import describe, is_system_failure, live_nodes, machine_failure
 
     started = False
     if not ray.is_initialized():
@@ -514,13 +520,46 @@ def _run_ray(cfg: EmbedConfig, mid: str, jobs: list[ShardJob], progress) -> list
         n_actors = min(cfg.workers, len(jobs))
         actor_cls = ray.remote(**opts)(_EmbedActor)
         actor_cfg = EmbedConfig(**{**asdict(cfg), "device": "cuda" if use_gpu else cfg.device, "progress": False})
-        actors = [actor_cls.remote(actor_cfg, mid) for _ in range(n_actors)]
-        pool = ActorPool(actors)
-        results = []
-        for res in pool.map_unordered(lambda a, job: a.run.remote(job), jobs):
+        nodes = live_nodes(ray)
+        idle = [actor_cls.remote(actor_cfg, mid) for _ in range(n_actors)]
+        # each actor's node, asked once (it answers before its first shard), so a failure can name it
+        where = {a: a.node.remote() for a in idle}
+        todo, running, results = list(jobs), {}, []
+        failure = None
+        while todo or running:
+            while idle and todo:
+                actor, job = idle.pop(), todo.pop(0)
+                running[actor.run.remote(job)] = (actor, job)
+            if not running:
+                break  # every actor has died
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, job = running.pop(ref)
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                if not is_system_failure(e):
+                    raise
+                try:
+                    on_node = ray.get(where[actor], timeout=0)
+                except Exception:  # noqa: BLE001 - it died before it answered: the message says less
+                    on_node = None
+                failure = machine_failure(ray, e, f"embedding shard {job.shard.index}", nodes, on_node)
+                todo.insert(0, job)
+                if idle or running:
+                    click.echo(f"embed: the actor embedding shard {job.shard.index} died: "
+                               f"{describe(ray, e, nodes, on_node)}; the shard goes to another actor "
+                               f"({len(idle) + len(running)} left)", err=True)
+                continue
             results.extend(res)
+            idle.append(actor)
             if progress is not None:
                 progress.update(sum(r["rows"] for r in res))
+        if todo:
+            from curate.core.errors import MachineFailure
+
+            left = sorted(j.shard.index for j in todo)
+            raise MachineFailure(f"every embed actor ({n_actors}) died; shard(s) {left} are not embedded. "
+                                 f"Last failure: {failure.message}")
         return results
     finally:
         if started:
@@ -540,6 +579,12 @@ class _EmbedActor:
 
     def run(self, job: ShardJob) -> list[dict]:
         return self.embedder.run([job])
+
+    def node(self) -> str:
+        """The id of the Ray node this actor runs on (for messages when it dies)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,8 +19,14 @@ How the work is split, and why:
   json (uid, key, text, sizes, sha256) and renamed into place, then the metadata parquet is renamed into
   place. The metadata file is the shard's completion marker; it records the tar's size, so a shard
   whose tar and metadata disagree (a kill between the two renames) is redone.
-- `--retry-failed` re-runs only the failed rows of finished shards and rewrites each such shard
-  (old successes + new ones) with the same two atomic renames.
+- Every failed row says whether its failure is worth retrying: its `error_message` starts with
+  `transient: ` (5xx, 429, 408, a reset or dropped connection, a timeout, a stall or a trickle past the
+  deadline, a refused connection, a temporary DNS failure) or `permanent: ` (any other 4xx, a redirect
+  loop or too many hops, a body over the cap, X-Robots-Tag opt-out, bytes that are not an image, a name
+  that does not resolve, a certificate that does not verify). `classify_failure` is the one rule.
+- `--retry-failed` re-runs only the transient failures of finished shards (and rows of older pools,
+  whose messages have no class) and rewrites each such shard (old successes + new ones) with the same two
+  atomic renames. `--retry-permanent` also re-requests the permanent ones (a site that was fixed).
 - Safety the library lacks: img2dataset's `download_image` reads an unbounded body with urllib's
   default opener (file:// and ftp:// handlers, 10 redirects, no byte cap), and cv2 decodes any image
   below 2**30 pixels. While a shard runs, `download_image` is replaced by `_fetch` (http/https only,
@@ -36,6 +42,7 @@ How the work is split, and why:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -69,6 +76,9 @@ from curate.core.errors import CurateError  # noqa: E402
 
 POOL_FORMAT = "curate-pool/1"
 FAILED_STATUSES = ("failed_to_download", "failed_to_resize")
+TRANSIENT_PREFIX = "transient: "  # error_message of a failed row worth retrying (docs/FORMATS.md, "Pool metadata")
+PERMANENT_PREFIX = "permanent: "  # ... and of one that a retry would fail the same way
+TRANSIENT, PERMANENT = "transient", "permanent"
 TAR_BYTES_KEY = b"curate.tar_bytes"
 USER_AGENT_TOKEN = "curate"
 # img2dataset's default: respect X-Robots-Tag opt-outs.
@@ -121,6 +131,7 @@ class DownloadConfig:
     distributor: str = "ray"  # "ray" or "multiprocessing"
     ray_address: str | None = None
     retry_failed: bool = False
+    retry_permanent: bool = False  # with retry_failed: re-request permanent failures too
     overwrite: bool = False
     progress: bool | None = None  # None = when stderr is a terminal
     echo: bool = True
@@ -209,7 +220,7 @@ def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
     key, url = row
     max_bytes = _LIMITS["max_bytes"]
     if urlsplit(url).scheme.lower() not in ("http", "https"):
-        return key, None, "only http(s) URLs are downloaded"
+        return key, None, PERMANENT_PREFIX + "only http(s) URLs are downloaded"
     agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
     if user_agent_token:
         agent += f" (compatible; {user_agent_token})"
@@ -218,20 +229,96 @@ def _fetch(row, timeout, user_agent_token, disallowed_header_directives):
         request = urllib.request.Request(url, headers={"User-Agent": agent})
         with _opener(_LIMITS["max_redirects"], _LIMITS["guard"]).open(request, timeout=timeout) as r:
             if disallowed_header_directives and is_disallowed(r.headers, user_agent_token, disallowed_header_directives):
-                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+                return key, None, PERMANENT_PREFIX + "Use of image disallowed by X-Robots-Tag directive"
             declared = r.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
-                return key, None, f"response of {int(declared)} bytes is above the cap of {max_bytes} bytes"
+                return key, None, (PERMANENT_PREFIX +
+                                   f"response of {int(declared)} bytes is above the cap of {max_bytes} bytes")
             buf = bytearray()
             while chunk := r.read(min(1 << 16, max_bytes + 1 - len(buf))):
                 buf += chunk
                 if len(buf) > max_bytes:
-                    return key, None, f"response is larger than the cap of {max_bytes} bytes"
+                    return key, None, PERMANENT_PREFIX + f"response is larger than the cap of {max_bytes} bytes"
                 if time.monotonic() > deadline:
-                    return key, None, f"download took longer than the {timeout:g} s timeout"
+                    return key, None, TRANSIENT_PREFIX + f"download took longer than the {timeout:g} s timeout"
         return key, io.BytesIO(bytes(buf)), None
     except Exception as err:  # noqa: BLE001 - every failure is recorded per row, like img2dataset does
-        return key, None, blocked_reason(err) or str(err) or type(err).__name__
+        blocked = blocked_reason(err)
+        if blocked:
+            return key, None, blocked  # recorded as rejected_bad_url (its own class: refused, never requested)
+        return key, None, f"{classify_failure(err)}: {str(err) or type(err).__name__}"
+
+
+def _fetch_with_retry(row, timeout, retries, user_agent_token, disallowed_header_directives):
+    """Drop-in for `img2dataset.downloader.download_image_with_retry`: `--retries` extra attempts, but only
+    after a transient failure (img2dataset's retries a 404 or a redirect loop too, for nothing)."""
+    for _ in range(retries + 1):
+        key, stream, err = _fetch(row, timeout, user_agent_token, disallowed_header_directives)
+        if stream is not None or not (err or "").startswith(TRANSIENT_PREFIX):
+            break
+    return key, stream, err
+
+
+_TRANSIENT_HTTP = frozenset({408, 425, 429})  # request timeout, too early, too many requests; and every 5xx
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE})
+
+
+def classify_failure(err: BaseException) -> str:
+    """"transient" (a retry may succeed) or "permanent" (a retry fails the same way) for a fetch error.
+
+    Transient: HTTP 5xx, 408, 425, 429; a timeout; a reset, refused, aborted or unreachable connection; the
+    server closing the connection or sending a short body (http.client's RemoteDisconnected, IncompleteRead);
+    a temporary DNS failure (EAI_AGAIN). Permanent: every other HTTP status (4xx, a redirect loop, too many
+    hops, a redirect to another scheme), a certificate or TLS failure, a name that does not exist, a malformed
+    URL. An error none of these rules knows is transient: retrying costs one request, while calling a live URL
+    dead loses a sample for good.
+    """
+    import http.client
+    import socket
+    import ssl
+    import urllib.error
+
+    if isinstance(err, urllib.error.HTTPError):
+        return TRANSIENT if err.code >= 500 or err.code in _TRANSIENT_HTTP else PERMANENT
+    if isinstance(err, urllib.error.URLError) and isinstance(err.reason, BaseException):
+        return classify_failure(err.reason)
+    if isinstance(err, urllib.error.URLError):
+        return PERMANENT if "unknown url type" in str(err.reason) else TRANSIENT
+    if isinstance(err, socket.gaierror):
+        return TRANSIENT if err.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)) else PERMANENT
+    if isinstance(err, ssl.SSLError):
+        return PERMANENT if isinstance(err, ssl.SSLCertVerificationError) else TRANSIENT
+    if isinstance(err, (TimeoutError, ConnectionError, http.client.IncompleteRead, http.client.RemoteDisconnected)):
+        return TRANSIENT
+    if isinstance(err, http.client.HTTPException):  # a malformed status line or headers
+        return PERMANENT
+    if isinstance(err, OSError):
+        return TRANSIENT if err.errno in _TRANSIENT_ERRNOS or err.errno is None else PERMANENT
+    if isinstance(err, ValueError):  # urllib: a URL it cannot parse
+        return PERMANENT
+    return TRANSIENT
+
+
+def failure_class(status: str | None, error_message: str | None) -> str | None:
+    """"transient", "permanent" or None (not a failure, or a row of a pool from before the classes)."""
+    if status not in FAILED_STATUSES:
+        return None
+    msg = error_message or ""
+    if msg.startswith(TRANSIENT_PREFIX):
+        return TRANSIENT
+    if msg.startswith(PERMANENT_PREFIX):
+        return PERMANENT
+    return None
+
+
+def _classified(status: str, message: str | None) -> str | None:
+    """A failed row's error_message with its class in front (resize failures: the bytes are not an image
+    the decoder takes, so permanent; a row the downloader lost: transient)."""
+    msg = message or "no reason given by the downloader"
+    if status not in FAILED_STATUSES or msg.startswith((TRANSIENT_PREFIX, PERMANENT_PREFIX)):
+        return message
+    return (PERMANENT_PREFIX if status == "failed_to_resize" else TRANSIENT_PREFIX) + msg
 
 
 def _blurrer():
@@ -275,16 +362,17 @@ def _safe_resizer_class():
 
 @contextlib.contextmanager
 def _safe_img2dataset(max_bytes: int, max_redirects: int, guard: AddressGuard) -> Iterator[None]:
-    """Swap img2dataset's fetcher for `_fetch` for the duration of one shard (restored afterwards)."""
+    """Swap img2dataset's fetcher for `_fetch` (and its retry loop for `_fetch_with_retry`) for the duration of
+    one shard (restored afterwards)."""
     import img2dataset.downloader as dl
 
-    saved, saved_limits = dl.download_image, dict(_LIMITS)
+    saved, saved_retry, saved_limits = dl.download_image, dl.download_image_with_retry, dict(_LIMITS)
     _LIMITS.update(max_bytes=max_bytes, max_redirects=max_redirects, guard=guard)
-    dl.download_image = _fetch
+    dl.download_image, dl.download_image_with_retry = _fetch, _fetch_with_retry
     try:
         yield
     finally:
-        dl.download_image = saved
+        dl.download_image, dl.download_image_with_retry = saved, saved_retry
         _LIMITS.clear()
         _LIMITS.update(saved_limits)
 
@@ -375,7 +463,8 @@ def _write_shard(job: ShardJob, results: dict[int, dict], staged_tar: Path | Non
         if pos in todo:
             r = results.get(pos)
             m = {"uid": row["uid"], "url": row["url"], "text": row["text"], "shard": job.shard, "key": key,
-                 "status": "failed_to_download", "error_message": "the downloader returned no result for this row",
+                 "status": "failed_to_download",
+                 "error_message": TRANSIENT_PREFIX + "the downloader returned no result for this row",
                  "width": None, "height": None, "original_width": None, "original_height": None, "sha256": None,
                  "_src": None}
             if r is not None:
@@ -386,6 +475,8 @@ def _write_shard(job: ShardJob, results: dict[int, dict], staged_tar: Path | Non
                     m["_src"] = ("new", r["staged_key"])
                 elif (m["error_message"] or "").startswith(BLOCKED_PREFIX):
                     m["status"] = REJECTED_URL  # refused before any connect, like the input's bad URLs
+                else:
+                    m["error_message"] = _classified(m["status"], m["error_message"])
             counts[m["status"]] += 1
         elif pos in base:
             m = dict(base[pos])
@@ -413,7 +504,8 @@ def _write_shard(job: ShardJob, results: dict[int, dict], staged_tar: Path | Non
                     tf, idx = (staged, staged_idx) if which == "new" else (old_tar, old_idx)
                     member = idx.get(f"{skey}.jpg") if idx else None
                     if member is None:
-                        m.update(status="failed_to_download", error_message="image missing from the downloader output",
+                        m.update(status="failed_to_download",
+                                 error_message=TRANSIENT_PREFIX + "image missing from the downloader output",
                                  width=None, height=None, sha256=None)
                         continue
                     image = tf.extractfile(member).read()
@@ -436,6 +528,9 @@ def _write_shard(job: ShardJob, results: dict[int, dict], staged_tar: Path | Non
 # distributors
 
 
+RAY_TASK_RETRIES = 2  # attempts after the first when a shard's worker process or node dies
+
+
 def _run_ray(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
     import logging
 
@@ -453,27 +548,36 @@ def _run_ray(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
             ray.init(num_cpus=os.cpu_count(), **kwargs)
         owned = True
     try:
-        remote = ray.remote(num_cpus=1, max_retries=2)(run_shard)
+        from curate.core.ray_failures import is_system_failure, live_nodes, machine_failure
+
+        # A task whose worker process or node dies is retried by Ray (on any live node); a shard's files are
+        # written atomically, so a retry of a shard killed halfway starts clean (tests/reliability/test_ray_chaos.py).
+        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_shard)
         limit = cfg.processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        nodes = live_nodes(ray)
         pending = iter(jobs)
-        inflight = []
+        inflight: dict = {}  # object ref -> shard number
         for job in pending:
-            inflight.append(remote.remote(job))
+            inflight[remote.remote(job)] = job.shard
             if len(inflight) >= limit:
                 break
         while inflight:
-            done, inflight = ray.wait(inflight, num_returns=1)
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            shard = inflight.pop(ref)
             try:
-                res = ray.get(done[0])
+                res = ray.get(ref)
             except ray.exceptions.RayError as e:
                 # Finished shards are already in place; a re-run resumes from them. Ray's memory monitor
                 # killing workers on a machine near its memory limit is the usual cause.
+                if is_system_failure(e):
+                    raise machine_failure(ray, e, f"download of shard {shard} (tried {RAY_TASK_RETRIES + 1} times)",
+                                          nodes) from None
                 raise CurateError(f"a shard task failed after retries ({type(e).__name__}: {str(e)[:500]}); "
                                   "finished shards are kept: re-run the same command to resume") from None
             on_done(res)
             nxt = next(pending, None)
             if nxt is not None:
-                inflight.append(remote.remote(nxt))
+                inflight[remote.remote(nxt)] = nxt.shard
     finally:
         if owned:
             ray.shutdown()
@@ -596,10 +700,13 @@ def download(cfg: DownloadConfig) -> dict:
             if cfg.retry_failed:
                 meta = pq.read_table(shard_paths(out, k)[1], columns=["key", "status", "error_message"])
                 statuses = meta["status"].to_pylist()
-                # rows the address guard blocked are re-checked too: the policy (--allow-cidr) and DNS may differ now
+                # only transient failures (and unclassified ones of older pools) are requested again, unless
+                # --retry-permanent; rows the address guard blocked are re-checked too: the policy
+                # (--allow-cidr) and DNS may differ now
                 todo = [int(key[8:]) for key, st, err in zip(meta["key"].to_pylist(), statuses,
                                                              meta["error_message"].to_pylist())
-                        if st in FAILED_STATUSES or (st == REJECTED_URL and (err or "").startswith(BLOCKED_PREFIX))]
+                        if (st in FAILED_STATUSES and (cfg.retry_permanent or failure_class(st, err) != PERMANENT))
+                        or (st == REJECTED_URL and (err or "").startswith(BLOCKED_PREFIX))]
                 if todo:
                     jobs.append(ShardJob(k, str(out), shard_rows(k), todo, True, job_settings))
             continue
@@ -652,6 +759,9 @@ def download(cfg: DownloadConfig) -> dict:
         else:
             _run_multiprocessing(cfg, jobs, on_done)
     bar.close()
+    # Every task has ended here, so nothing writes to _staging any more: remove what a killed attempt (a Ray
+    # worker or node that died mid-shard, its task since retried) left, not only at the next run's start.
+    shutil.rmtree(out / "_staging", ignore_errors=True)
     dl_seconds = time.time() - t_dl
 
     report = verify_pool(out, expected_uids=inp.table["uid"].to_pylist(), pool_meta=state)
@@ -671,7 +781,7 @@ def download(cfg: DownloadConfig) -> dict:
     state["timings"] = {"last_run_seconds": run["seconds"], "last_download_seconds": run["download_seconds"],
                         "last_samples_per_s": run["samples_per_s"]}
     write_json(out / "pool.json", state)
-    say(summary_table(state, run))
+    say(summary_table(state, run, failure_classes(out, n_shards)))
     if not report.ok:
         say(report.table(), err=True)
         raise CurateError(f"{out}: reconciliation failed after download (see table above); "
@@ -694,7 +804,20 @@ def count_blocked(pool: Path, n_shards: int) -> int:
     return n
 
 
-def summary_table(state: dict, run: dict) -> str:
+def failure_classes(pool: Path, n_shards: int) -> Counter:
+    """Failed rows of the pool's metadata by class: "transient", "permanent" and None (unclassified: a pool
+    from before the classes existed)."""
+    out: Counter = Counter()
+    for k in range(n_shards):
+        meta = shard_paths(pool, k)[1]
+        if meta.exists():
+            t = pq.read_table(meta, columns=["status", "error_message"])
+            out.update(failure_class(st, err) for st, err in zip(t["status"].to_pylist(), t["error_message"].to_pylist())
+                       if st in FAILED_STATUSES)
+    return out
+
+
+def summary_table(state: dict, run: dict, classes: Counter | None = None) -> str:
     counts = state.get("counts", {})
     total = sum(counts.values()) or 1
     lines = [f"{'status':<24} {'rows':>10} {'share':>7}"]
@@ -705,6 +828,10 @@ def summary_table(state: dict, run: dict) -> str:
     if blocked:
         lines.append(f"{blocked} of the {REJECTED_URL} rows were refused by the address guard (not globally "
                      "routable; see their error_message, and --allow-loopback / --allow-cidr)")
+    if classes:
+        lines.append(f"failed rows: {classes[TRANSIENT]} transient (5xx, 429, resets, timeouts: --retry-failed requests "
+                     f"them again), {classes[PERMANENT]} permanent (404/410, redirect loops, not an image: not retried "
+                     "unless --retry-permanent)" + (f", {classes[None]} unclassified" if classes[None] else ""))
     rate = f", {run['samples_per_s']} samples/s" if run.get("samples_per_s") else ""
     lines.append(f"{state['shards']} shards; this run: {run['rows_attempted']} rows in "
                  f"{run['download_seconds']:.1f} s{rate}; pool state: {state['state']}")
@@ -751,8 +878,11 @@ def summary_table(state: dict, run: dict) -> str:
               help="Run shards as Ray tasks (local Ray, or the cluster at --ray-address) or in local processes.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. 10.0.0.1:6379 or 'auto').")
 @click.option("--retry-failed", is_flag=True,
-              help="Re-attempt the failed rows of finished shards (and the rows the address guard blocked) "
-                   "and rewrite those shards atomically.")
+              help="Re-attempt the transient failures of finished shards (error_message 'transient: ...': 5xx, "
+                   "429, resets, timeouts; and the rows the address guard blocked) and rewrite those shards "
+                   "atomically. Permanent failures (404, redirect loops, not an image) are not requested again.")
+@click.option("--retry-permanent", is_flag=True,
+              help="With --retry-failed: re-attempt the permanent failures too (a site that was fixed).")
 @click.option("--overwrite", is_flag=True, help="Delete this pool's shards, metadata and pool.json and start again.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
 def download_cmd(**kw) -> None:

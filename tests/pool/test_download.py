@@ -198,7 +198,9 @@ def test_retry_failed_recovers_rows_whose_url_starts_working(tmp_path, serve_dir
     meta1, members1 = read_pool(pool)
     (tmp_path / "www" / "late.png").write_bytes(_png(42))
     assert download(cfg(urls, pool, shard_size=4))["up_to_date"]  # without the flag nothing is retried
-    second = download(cfg(urls, pool, shard_size=4, retry_failed=True))
+    # a 404 is a permanent failure: --retry-failed alone does not request it again
+    assert download(cfg(urls, pool, shard_size=4, retry_failed=True))["up_to_date"]
+    second = download(cfg(urls, pool, shard_size=4, retry_failed=True, retry_permanent=True))
     assert second["counts"] == {"rejected_bad_url": 1, "success": 7}
     meta2, members2 = read_pool(pool)
     late = [r for r in meta2.to_pylist() if r["text"] == "late"][0]
@@ -209,7 +211,7 @@ def test_retry_failed_recovers_rows_whose_url_starts_working(tmp_path, serve_dir
     assert meta2.filter(pa.compute.not_equal(meta2["text"], "late")).equals(
         meta1.filter(pa.compute.not_equal(meta1["text"], "late")))
     assert verify_pool(pool).ok
-    assert download(cfg(urls, pool, shard_size=4, retry_failed=True))["up_to_date"]
+    assert download(cfg(urls, pool, shard_size=4, retry_failed=True, retry_permanent=True))["up_to_date"]
 
 
 def test_kill_and_resume_gives_the_same_pool(tmp_path, serve_dir):

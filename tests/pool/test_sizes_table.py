@@ -132,7 +132,7 @@ def test_retry_failed_rewrites_the_table(tmp_path, serve_dir):
     assert table_of(pool) == {"00000000.tar": 2, "00000001.tar": 1}
     (tmp_path / "www" / "late.png").write_bytes(png(40))
     (tmp_path / "www" / "late2.png").write_bytes(png(41))
-    download(cfg(urls, pool, retry_failed=True))
+    download(cfg(urls, pool, retry_failed=True, retry_permanent=True))  # the 404s are permanent failures
     assert table_of(pool) == successes_in_metadata(pool) == samples_in_tars(pool) == {"00000000.tar": 3,
                                                                                       "00000001.tar": 2}
     assert verify_pool(pool).ok

@@ -1,6 +1,6 @@
 """A/B of three stages (filter, reshard, embed) between two commits, to show that a refactor costs nothing.
 
-The base commit is checked out into a temporary git worktree; both trees run the same stage on the same inputs in
+The commits are checked out into temporary git worktrees (B defaults to the working tree); both trees run the same stage on the same inputs in
 fresh processes, alternating A, B, A, B, ... so drift in the machine's load hits both sides alike. Only the stage
 call is timed (process start and imports are not). Inputs are built once, with the working tree's test factories:
 
@@ -9,7 +9,7 @@ call is timed (process start and imports are not). Inputs are built once, with t
 - reshard: 30% of an image pool (tests/pool_factory.py) into shards of 1,000;
 - embed: the project's `curate-tiny` architecture with random weights over the same image pool.
 
-    .venv/bin/python -m perf.ab_commits --base 7a9fc99 [--repeats 3] [--rows 200000] [--images 1200]
+    .venv/bin/python -m perf.ab_commits --base 7a9fc99 [--head 198e71a] [--repeats 3] [--rows 200000] [--images 1200]
 
 Prints one line per stage: median seconds per side, B/A, and whether it is within the stated tolerance.
 """
@@ -107,7 +107,8 @@ def run_stage(stage: str, inputs: dict, scratch: Path) -> tuple[float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="7a9fc99", help="commit A (B is the working tree)")
+    ap.add_argument("--base", default="7a9fc99", help="commit A")
+    ap.add_argument("--head", default=None, help="commit B [default: the working tree as it is]")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=200_000, help="metadata rows for the filter")
     ap.add_argument("--images", type=int, default=1200, help="images in the pool for reshard and embed")
@@ -125,11 +126,11 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="curate_ab_"))
     work.mkdir(parents=True, exist_ok=True)
     inputs = build_inputs(work, a.rows, a.images)
-    base_tree = work / "base_tree"
-    if not base_tree.is_dir():
-        subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), a.base], cwd=REPO, check=True,
-                       capture_output=True)
-    trees = {"A": base_tree, "B": REPO}
+    trees = {"A": work / "tree_A", "B": work / "tree_B" if a.head else REPO}
+    for side, commit in (("A", a.base), ("B", a.head)):
+        if commit and not trees[side].is_dir():
+            subprocess.run(["git", "worktree", "add", "--detach", str(trees[side]), commit], cwd=REPO, check=True,
+                           capture_output=True)
     load0 = os.getloadavg()
     times: dict[str, dict[str, list[float]]] = {s: {"A": [], "B": []} for s in a.stages.split(",")}
     try:
@@ -148,10 +149,13 @@ def main() -> None:
                         raise SystemExit(f"side {side} ran {res['module']}, not the code in {tree}")
                     times[stage][side].append(res["seconds"])
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, capture_output=True)
+        for side, tree in trees.items():
+            if tree != REPO:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
     load1 = os.getloadavg()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    print(f"A = {a.base}, B = working tree at {head} (+ uncommitted changes if any); median of {a.repeats}, "
+    b_name = a.head or f"the working tree at {head} (+ uncommitted changes if any)"
+    print(f"A = {a.base}, B = {b_name}; median of {a.repeats}, "
           f"alternating; load average {load0[0]:.2f} -> {load1[0]:.2f}")
     for stage, t in times.items():
         ma, mb = statistics.median(t["A"]), statistics.median(t["B"])

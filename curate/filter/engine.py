@@ -59,6 +59,7 @@ from curate.core.version import __version__
 from curate.core.atomic import atomic_path, cleanup_temp_files, write_json
 from curate.clip.models import parse_pretrained
 from curate.core.errors import CurateError
+from curate.pool.completeness import pool_completeness
 from curate.filter.duck import run_sql, sql_str, stable_hash
 from curate.filter.step_record import StepRecord
 from curate.filter.recipe import Recipe, SetOp, Step, load_recipe, resolve_models
@@ -1050,6 +1051,7 @@ def _stream_run(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
         "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
         "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
         "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
+        "pool_completeness": pool_completeness(pool),
         "ledger": {"form": "compact", "file": COMPACT_LEDGER, "query": COMPACT_QUERY, "steps": st.ledger_steps},
         "ledger_semantics": "compact: ledger.parquet holds, per step, the rows it dropped (step_index, file_index, "
                             "row = the pool file and its row number, reason) and, for steps whose filter makes "
@@ -1170,6 +1172,7 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
         "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
         "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
         "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
+        "pool_completeness": pool_completeness(pool),
         "ledger_semantics": "one row per (uid, step) for every uid that reached the step; step 'pool' covers every "
                             "metadata row (non-success rows: kept=false, reason=status)",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

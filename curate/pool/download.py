@@ -766,6 +766,9 @@ def download(cfg: DownloadConfig) -> dict:
 
     report = verify_pool(out, expected_uids=inp.table["uid"].to_pylist(), pool_meta=state)
     state["counts"] = dict(sorted(report.status_counts.items()))
+    # the share of the input that downloaded travels with every result made from this pool (curate.pool.completeness)
+    rows_in = int((state.get("input") or {}).get("rows") or 0)
+    state["success_share"] = round(state["counts"].get("success", 0) / rows_in, 6) if rows_in else None
     state["state"] = "complete" if report.ok else "failed_verification"
     state["versions"] = _versions()
     state["address_guard"] = {"allow_loopback": cfg.allow_loopback, "allow_cidrs": list(cfg.allow_cidrs),

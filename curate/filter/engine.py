@@ -1039,26 +1039,14 @@ def _stream_run(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
 
     write_text(out / COMPACT_QUERY, compact_query(pool, out / COMPACT_LEDGER, st.ledger_steps))
     executed = st.executed
-    counts = {"pool_rows": executed[0]["in"], "candidates": executed[0]["kept"], "subset": n_subset,
-              "steps": [{k: e[k] for k in ("step", "filter", "in", "kept", "dropped", "threshold", "cached", "seconds")}
-                        for e in executed]}
-    summary = {"recipe": recipe.name, "out": str(out), "pool": str(pool), "pool_rows": counts["pool_rows"],
-               "candidates": counts["candidates"], "kept": n_subset, "steps": counts["steps"], "up_to_date": False,
-               "seconds": None, "ledger": "compact"}
-    manifest = {
-        "run_key": run_key, "recipe": recipe.describe(), "recipe_hash": recipe.hash(),
-        "recipe_file": str(cfg.recipe), "recipe_text": Path(cfg.recipe).read_text(encoding="utf-8"),
-        "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
-        "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
-        "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
-        "pool_completeness": pool_completeness(pool),
-        "ledger": {"form": "compact", "file": COMPACT_LEDGER, "query": COMPACT_QUERY, "steps": st.ledger_steps},
-        "ledger_semantics": "compact: ledger.parquet holds, per step, the rows it dropped (step_index, file_index, "
-                            "row = the pool file and its row number, reason) and, for steps whose filter makes "
-                            "scores, also its kept rows; rows not listed were kept. `curate ledger SUBSET` (or "
-                            "decisions.sql) gives the per-(uid, step) rows. subset.parquet is in pool order.",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    counts, summary, manifest = _run_record(
+        cfg, recipe, pool, out, run_key, fingerprints, executed, n_subset,
+        ledger={"form": "compact", "file": COMPACT_LEDGER, "query": COMPACT_QUERY, "steps": st.ledger_steps},
+        ledger_semantics="compact: ledger.parquet holds, per step, the rows it dropped (step_index, file_index, "
+                         "row = the pool file and its row number, reason) and, for steps whose filter makes "
+                         "scores, also its kept rows; rows not listed were kept. `curate ledger SUBSET` (or "
+                         "decisions.sql) gives the per-(uid, step) rows. subset.parquet is in pool order.")
+    summary["ledger"] = "compact"
     if cfg.report:
         from curate.filter.report import write_report
         import duckdb
@@ -1085,6 +1073,28 @@ def _stream_run(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
     manifest["summary"] = summary
     write_json(out / "manifest.json", manifest)  # written last: its presence with run_key marks completion
     return summary
+
+
+def _run_record(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_key: str, fingerprints: dict,
+                executed: list[dict], n_subset: int, ledger_semantics: str, **extra: Any) -> tuple[dict, dict, dict]:
+    """(counts, summary, manifest) of a finished run, the same for the full and the streamed (compact) path."""
+    counts = {"pool_rows": executed[0]["in"], "candidates": executed[0]["kept"], "subset": n_subset,
+              "steps": [{k: e[k] for k in ("step", "filter", "in", "kept", "dropped", "threshold", "cached", "seconds")}
+                        for e in executed]}
+    summary = {"recipe": recipe.name, "out": str(out), "pool": str(pool), "pool_rows": counts["pool_rows"],
+               "candidates": counts["candidates"], "kept": n_subset, "steps": counts["steps"], "up_to_date": False,
+               "seconds": None}
+    manifest = {
+        "run_key": run_key, "recipe": recipe.describe(), "recipe_hash": recipe.hash(),
+        "recipe_file": str(cfg.recipe), "recipe_text": Path(cfg.recipe).read_text(encoding="utf-8"),
+        "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
+        "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
+        "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
+        "pool_completeness": pool_completeness(pool), **extra,
+        "ledger_semantics": ledger_semantics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return counts, summary, manifest
 
 
 def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
@@ -1160,23 +1170,10 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
     with atomic_path(out / "decisions.parquet", suffix=".parquet") as tmp:
         run_sql(runner.con, f"COPY ({parts}) TO {sql_str(tmp)} (FORMAT parquet)")
 
-    counts = {"pool_rows": runner.executed[0]["in"], "candidates": runner.executed[0]["kept"], "subset": n_subset,
-              "steps": [{k: e[k] for k in ("step", "filter", "in", "kept", "dropped", "threshold", "cached", "seconds")}
-                        for e in runner.executed]}
-    summary = {"recipe": recipe.name, "out": str(out), "pool": str(pool), "pool_rows": counts["pool_rows"],
-               "candidates": counts["candidates"], "kept": n_subset, "steps": counts["steps"], "up_to_date": False,
-               "seconds": None}
-    manifest = {
-        "run_key": run_key, "recipe": recipe.describe(), "recipe_hash": recipe.hash(),
-        "recipe_file": str(cfg.recipe), "recipe_text": Path(cfg.recipe).read_text(encoding="utf-8"),
-        "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
-        "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
-        "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
-        "pool_completeness": pool_completeness(pool),
-        "ledger_semantics": "one row per (uid, step) for every uid that reached the step; step 'pool' covers every "
-                            "metadata row (non-success rows: kept=false, reason=status)",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    counts, summary, manifest = _run_record(
+        cfg, recipe, pool, out, run_key, fingerprints, runner.executed, n_subset,
+        ledger_semantics="one row per (uid, step) for every uid that reached the step; step 'pool' covers every "
+                         "metadata row (non-success rows: kept=false, reason=status)")
     if cfg.report:
         from curate.filter.report import write_report
 

@@ -420,6 +420,19 @@ def _prepare_out(cfg: OfflinePoolConfig) -> tuple[Path, dict | None]:
     return out, None
 
 
+def row_counts(rows) -> dict:
+    """The pool's rows counted by source, noise kind, expected status and source x noise (pool_build.json)."""
+    by_sn: dict[str, Counter] = {}
+    for r in rows:
+        by_sn.setdefault(r.source, Counter())[r.noise] += 1
+    return {
+        "by_source": dict(sorted(Counter(r.source for r in rows).items())),
+        "by_noise": dict(sorted(Counter(r.noise for r in rows).items())),
+        "by_expected_status": dict(sorted(Counter(r.expected_status for r in rows).items())),
+        "by_source_and_noise": {s: dict(sorted(c.items())) for s, c in sorted(by_sn.items())},
+    }
+
+
 def build_offline(cfg: OfflinePoolConfig) -> dict:
     """Build the pool into cfg.out; return the summary (also written to DIR/pool_build.json)."""
     if cfg.size not in SIZES and cfg.size not in LARGE_SIZES:
@@ -495,9 +508,6 @@ def build_offline(cfg: OfflinePoolConfig) -> dict:
         evalsets = _write_evalsets(split, produced, eval_plans, tmp)
         lap("tables")
 
-        by_sn: dict[str, Counter] = {}
-        for r in rows:
-            by_sn.setdefault(r.source, Counter())[r.noise] += 1
         summary = {
             "format": FORMAT_VERSION,
             "fingerprint": cfg.fingerprint(),
@@ -508,12 +518,7 @@ def build_offline(cfg: OfflinePoolConfig) -> dict:
             "base_rows": n_base,
             "tuxpaint_translatable_rows": n_translatable,
             "planned_noise": cfg.noise.planned(n_base, n_translatable),
-            "counts": {
-                "by_source": dict(sorted(Counter(r.source for r in rows).items())),
-                "by_noise": dict(sorted(Counter(r.noise for r in rows).items())),
-                "by_expected_status": dict(sorted(Counter(r.expected_status for r in rows).items())),
-                "by_source_and_noise": {s: dict(sorted(c.items())) for s, c in sorted(by_sn.items())},
-            },
+            "counts": row_counts(rows),
             "evalsets": evalsets,
             "heldout_duplicates_dropped": split.dropped_as_heldout_duplicate,
             "skipped_images": render["skipped"],
@@ -806,9 +811,6 @@ def build_large(cfg: OfflinePoolConfig, out: Path, base_url: str) -> dict:
         (tmp / "ATTRIBUTION.md").write_text(_attribution_md(att), encoding="utf-8")
         lap("tables")
 
-        by_sn: dict[str, Counter] = {}
-        for r in rows:
-            by_sn.setdefault(r.source, Counter())[r.noise] += 1
         summary = {
             "format": FORMAT_VERSION,
             "fingerprint": cfg.fingerprint(),
@@ -820,13 +822,8 @@ def build_large(cfg: OfflinePoolConfig, out: Path, base_url: str) -> dict:
             "tuxpaint_translatable_rows": n_translatable,
             "web_noise_of_base_rows": web,
             "planned_noise": cfg.large_noise.planned(n_base, n_translatable),
-            "counts": {
-                "by_source": dict(sorted(Counter(r.source for r in rows).items())),
-                "by_noise": dict(sorted(Counter(r.noise for r in rows).items())),
-                "by_expected_status": dict(sorted(Counter(r.expected_status for r in rows).items())),
-                "by_source_and_noise": {s: dict(sorted(c.items())) for s, c in sorted(by_sn.items())},
-                "by_license": dict(sorted(Counter(r.meta.get("license", "") for r in rows).items())),
-            },
+            "counts": {**row_counts(rows),
+                       "by_license": dict(sorted(Counter(r.meta.get("license", "") for r in rows).items()))},
             "trusted": {"rule": f"rows whose source is one of {', '.join(TRUSTED_SOURCES)} (by source, not by truth)",
                         "sources": list(TRUSTED_SOURCES), "rows": trusted.num_rows, "file": "trusted.parquet"},
             "evalsets": evalsets,

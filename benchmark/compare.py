@@ -238,9 +238,13 @@ def _paired_cells(a: Seed, b: Seed, key: str):
     if key not in TASKS:
         raise CurateError(f"{key}: not a registered task; no item statistic")
     for s in (a, b):
-        if s.results_file is None or (s.results_file.parent / "bundle.json").is_file():
-            raise CurateError(f"{s.label}: leaderboard submissions and bundles carry no per-item results; compare "
-                              "the RUN folders instead (`curate compare RUN_A RUN_B`)")
+        if s.results_file is None:
+            raise CurateError(f"{s.label}: this leaderboard entry's bundle folder is gone, so no per-item results; "
+                              "compare the RUN folders instead (`curate compare RUN_A RUN_B`)")
+        # a bundle keeps its run's item files in BUNDLE/results.items/ (benchmark/submit.py), read like a RUN's
+        if (s.results_file.parent / "bundle.json").is_file() and not s.results_file.with_suffix(".items").is_dir():
+            raise CurateError(f"{s.label}: its bundle carries no per-item results (submitted before they existed); "
+                              "compare the RUN folders instead (`curate compare RUN_A RUN_B`)")
     ia, _ = read_items(a.results_file, key, model_id=a.results[key].get("model_id"))
     ib, _ = read_items(b.results_file, key, model_id=b.results[key].get("model_id"))
     oa, ob = np.argsort(ia["key"], kind="stable"), np.argsort(ib["key"], kind="stable")

@@ -5,6 +5,7 @@ leaderboard gives a single-seed entry the item-level interval of its one model."
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import tarfile
 from pathlib import Path
@@ -197,3 +198,20 @@ def test_leaderboard_single_seed_gets_item_level_interval(setup, tmp_path):
     assert got["cifar10"] == pytest.approx(0.1) and got[RET] == pytest.approx(1 / 300) and lows == 3
     r = CliRunner().invoke(main, ["leaderboard", "--db", str(db)])
     assert r.exit_code == 0 and " items" in r.output, r.output
+
+
+def test_compare_reads_a_bundles_item_files(setup, tmp_path):
+    # one seed per side: the item-level paired interval comes from the bundles' results.items/, as from RUNs
+    from benchmark import compare as C
+
+    pool, _, run = setup
+    other = tmp_path / "other_run"
+    shutil.copytree(run, other)
+    write_item_results(other, {k: 0.5 for k in KEYS}, seed=1)
+    ba = Path(submit(SubmitConfig(run=run, tarball=False))["bundle"])
+    bb = Path(submit(SubmitConfig(run=other, tarball=False))["bundle"])
+    rep = C.compare(C.load_paths(str(ba)), [C.load_paths(str(bb))])[0]
+    assert rep["mode"] == "items" and not [n for n in rep["notes"] if "no item-level interval" in n]
+    shutil.rmtree(bb / "results.items")
+    rep = C.compare(C.load_paths(str(ba)), [C.load_paths(str(bb))])[0]
+    assert any("carries no per-item results" in n for n in rep["notes"])

@@ -420,6 +420,18 @@ def _prepare_out(cfg: OfflinePoolConfig) -> tuple[Path, dict | None]:
     return out, None
 
 
+def shuffle_rows(rows: list, seed: int) -> list:
+    """The pool's rows in a seeded order, with `duplicate_of` (a row index) remapped through the shuffle."""
+    order = list(range(len(rows)))
+    random.Random(f"{seed}:order").shuffle(order)
+    new_index = {old: new for new, old in enumerate(order)}
+    shuffled = [rows[i] for i in order]
+    for r in shuffled:
+        if r.duplicate_of is not None:
+            r.duplicate_of = new_index[r.duplicate_of]
+    return shuffled
+
+
 def row_counts(rows) -> dict:
     """The pool's rows counted by source, noise kind, expected status and source x noise (pool_build.json)."""
     by_sn: dict[str, Counter] = {}
@@ -491,15 +503,7 @@ def build_offline(cfg: OfflinePoolConfig) -> dict:
         n_base = len(rows)
         n_translatable = sum(1 for r in rows if r.source == "tuxpaint" and r.translations)
         rows = inject(rows, cfg.noise, cfg.seed, read_file, write_file)
-        rows_order = list(range(len(rows)))
-        random.Random(f"{cfg.seed}:order").shuffle(rows_order)
-        # duplicate_of holds row indices: remap them through the shuffle
-        new_index = {old: new for new, old in enumerate(rows_order)}
-        shuffled = [rows[i] for i in rows_order]
-        for r in shuffled:
-            if r.duplicate_of is not None:
-                r.duplicate_of = new_index[r.duplicate_of]
-        rows = shuffled
+        rows = shuffle_rows(rows, cfg.seed)
         lap("noise")
 
         url_table, truth = _tables(rows, base_url, tmp)
@@ -785,14 +789,7 @@ def build_large(cfg: OfflinePoolConfig, out: Path, base_url: str) -> dict:
         web = tag_web_noise(rows, cfg.boilerplate, cfg.seed)
         n_translatable = sum(1 for r in rows if r.source == "tuxpaint" and r.translations and r.noise == "none")
         rows = inject(rows, cfg.large_noise, cfg.seed, read_file, write_file)
-        rows_order = list(range(len(rows)))
-        random.Random(f"{cfg.seed}:order").shuffle(rows_order)
-        new_index = {old: new for new, old in enumerate(rows_order)}
-        shuffled = [rows[i] for i in rows_order]
-        for r in shuffled:
-            if r.duplicate_of is not None:
-                r.duplicate_of = new_index[r.duplicate_of]
-        rows = shuffled
+        rows = shuffle_rows(rows, cfg.seed)
         lap("noise")
 
         url_table, truth = _tables(rows, base_url, tmp)

@@ -355,15 +355,21 @@ def task_interval(task: TaskCells, level: float = LEVEL, draws: int = DRAWS, see
     return Interval(task.estimate, lo, hi, level, "percentile bootstrap over items (multinomial cells)", draws, task.n)
 
 
-def suite_interval(tasks: list[TaskCells], level: float = LEVEL, draws: int = DRAWS, seed=0) -> Interval:
-    """Interval of the unweighted mean over tasks (DataComp's average), each task resampled independently."""
-    if not tasks:
-        raise ValueError("suite_interval of no task")
+def _mean_of_independent_draws(tasks: list, draws: int, seed) -> np.ndarray:
+    """Bootstrap draws of the unweighted mean over tasks, each task (TaskCells or PairedCells) resampled
+    independently with its own child of `seed`."""
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(_seed_int(seed)).spawn(len(tasks))]
     total = np.zeros(draws)
     for t, r in zip(tasks, rngs):
         total += t.draws(draws, r)
-    lo, hi = percentile(total / len(tasks), level)
+    return total / len(tasks)
+
+
+def suite_interval(tasks: list[TaskCells], level: float = LEVEL, draws: int = DRAWS, seed=0) -> Interval:
+    """Interval of the unweighted mean over tasks (DataComp's average), each task resampled independently."""
+    if not tasks:
+        raise ValueError("suite_interval of no task")
+    lo, hi = percentile(_mean_of_independent_draws(tasks, draws, seed), level)
     est = float(np.mean([t.estimate for t in tasks]))
     return Interval(est, lo, hi, level, "percentile bootstrap over items, tasks resampled independently",
                     draws, sum(t.n for t in tasks))
@@ -426,11 +432,7 @@ def paired_suite(pairs: list[PairedCells], level: float = LEVEL, draws: int = DR
     """Item-level difference of the mean over tasks (x - y), tasks resampled independently."""
     if not pairs:
         raise ValueError("paired_suite of no task")
-    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(_seed_int(seed)).spawn(len(pairs))]
-    total = np.zeros(draws)
-    for p, r in zip(pairs, rngs):
-        total += p.draws(draws, r)
-    d = total / len(pairs)
+    d = _mean_of_independent_draws(pairs, draws, seed)
     lo, hi = percentile(d, level)
     n = sum(p.n for p in pairs)
     return Difference(float(np.mean([p.estimate for p in pairs])), lo, hi, _bootstrap_p(d), level,

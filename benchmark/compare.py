@@ -230,7 +230,7 @@ def _groups(keys: list[str]) -> dict[str, list[int]]:
     return out
 
 
-def _paired_cells(a: Seed, b: Seed, key: str):
+def paired_cells(a: Seed, b: Seed, key: str):
     """PairedCells (B - A) of one task from both models' per-item files, aligned by item key."""
     from benchmark.evaluate import main_metric_cells, read_items
     from benchmark.tasks import TASKS
@@ -291,7 +291,7 @@ def compare_sides(a: Side, b: Side, min_effect: float = MIN_EFFECT, level: float
     if not seeds_mode:
         for k in keys:
             try:
-                pairs[k] = _paired_cells(a.seeds[0], b.seeds[0], k)
+                pairs[k] = paired_cells(a.seeds[0], b.seeds[0], k)
             except CurateError as e:
                 pairs[k] = str(e)
         lacking = [k for k, p in pairs.items() if isinstance(p, str)]

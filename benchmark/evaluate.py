@@ -570,11 +570,15 @@ def write_results(path: Path, results: dict[str, dict]) -> None:
 
 
 def aggregates(results: dict[str, dict]) -> dict:
-    """DataComp's average over its 38 scored tasks and, separately, the offline suite's average."""
+    """DataComp's average over its 38 scored tasks and, separately, the offline suite's average and suite v2's
+    headline (benchmark.tasks.SUITE_V2_HEADLINE: in-domain + style-shift tasks; out-of-domain ones are not in it)."""
+    from benchmark.tasks import suite_v2_average
+
     offline_scored = [k for k in OFFLINE_KEYS if TASKS[k].scored]
     full = {k: r for k, r in results.items() if not r.get("partial")}  # a partial set counts as missing
     return {"datacomp": M.datacomp_average(full, DATACOMP_SCORED),
-            "offline": M.datacomp_average(full, offline_scored)}
+            "offline": M.datacomp_average(full, offline_scored),
+            "offline_v2": suite_v2_average(full)["headline"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,7 +708,10 @@ def format_table(summary: dict) -> str:
     for key, reason in summary["missing"].items():
         rows.append(f"{key:52s} {'MISSING':22s} {'':>6s} {'':>7s}  {reason}")
     for name, agg in summary["aggregates"].items():
-        label = "DataComp average (38 tasks)" if name == "datacomp" else "Offline suite average (separate)"
+        label = {"datacomp": "DataComp average (38 tasks)", "offline": "Offline suite average (separate)",
+                 "offline_v2": "Offline suite v2 headline (in-domain + style shift)"}.get(name, name)
+        if name == "offline_v2" and agg["n_tasks"] == 0:
+            continue  # suite v2 is opt-in (`--tasks offline_v2`): no line when it was not asked for
         if agg["n_tasks"] == 0:
             rows.append(f"{label}: no task scored")
         else:

@@ -1,63 +1,364 @@
-"""Does filtering beat no filtering at equal compute (DataComp's finding), on the offline pool at `tiny` scale?
+"""Can the laptop-scale benchmark see data quality? DataComp's baselines and three truth-built controls, ranked with
+intervals on the large offline pool at the `nano` scale (issue 19).
 
-Runs the demo (offline pool -> download -> filtering network -> embed) and its three recipes with several seeds
-each, every run training for the same number of samples seen (the scale fixes it), then prints per recipe: the
-offline-suite average as mean ± sample std over seeds, the subset size, per-task means, and the wall time.
-`no_filter` is the baseline measured side by side in the same leaderboard.
+    .venv/bin/python -m perf.filtering_experiment --work /work/exp            # pass 1: the key cells
+    .venv/bin/python -m perf.filtering_experiment --work /work/exp --pass 2   # the other baselines (resumes)
+    .venv/bin/python -m perf.filtering_experiment --work /work/exp --report-only
 
-    .venv/bin/python -m perf.filtering_experiment --work work --seeds 0,1,2
+Design (fixed in PREREGISTRATION below and written into perf/filtering_experiment.json before the first final
+cell; a resumed run refuses to start when the design it would run differs from the recorded one):
 
-Resumable like the demo: finished runs are reused, so adding a seed only trains the new runs.
+* every entry trains `nano` (benchmark/scales.py) for the same samples seen (81,920), so a smaller subset is seen
+  more often, as in DataComp;
+* *controls* are built from truth.parquet (never by a recipe): **oracle** (rows with no recorded noise of any kind),
+  **random** (uniform over downloaded rows), **adversarial** (rows with injected caption noise first -- swapped,
+  empty, boilerplate and non-English captions -- topped up at random); each the size of the CLIP-score 30% subset,
+  floor(0.3 x downloaded rows), drawn with a fixed seed;
+* *recipes* are DataComp's baselines as offline recipes under recipes/offline/, each citing its rule; their scorer is
+  `curate train-scorer --variant itm` (scorer v2), its AUC recorded beside the results;
+* the headline is the mean main metric over the suite v2 tasks that calibration admitted (perf/calibrate_nano.py,
+  seeds >= 1000, rule stated there before it ran) among SUITE_V2_HEADLINE (in-domain + style shift);
+* statistics: each pre-registered comparison B - A by `benchmark.compare` in seeds mode (two-sample t over seeds
+  with pooled seed variance, 95%), p-values Holm-corrected within each family (average, groups, tasks) over all
+  pre-registered comparisons; beside it, the paired-by-seed t interval (the same seed gives both entries the same
+  initial weights) and each seed pair's item-level paired bootstrap. No optional stopping: the seeds are fixed.
+
+Cells run seed-major (seed 0 of every entry, then seed 1, ...), so a run stopped early still holds complete seed
+rounds; a killed run resumes at the next unfinished cell (finished runs and evaluations are reused).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from perf import nano_bench as NB
+
+REPORT = Path(__file__).resolve().parent / "filtering_experiment.json"
+CALIBRATION = Path(__file__).resolve().parent / "calibration_nano.json"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "offline"
+FRACTION = 0.3
+CONTROL_SEED = 0  # the draw of the random, oracle and adversarial subsets (fixed, not a training seed)
+# truth.parquet noise kinds that corrupt the caption (the adversarial control takes these first)
+CAPTION_NOISE = ("caption_swap", "empty_caption", "boilerplate", "non_english")
+
+# name -> (kind, pass, rule). Pass 1 = the key cells (issue 19: <= 100 min on 2 idle cores); pass 2 = the others.
+ENTRIES: dict[str, tuple[str, int, str]] = {
+    "no_filter": ("recipe", 1, "recipes/offline/no_filter.yaml: every downloaded row (DataComp 'No filtering')"),
+    "oracle": ("control", 1, "truth.parquet noise == 'none' (no recorded noise of any kind), uniform draw of the "
+               "CLIP-30% size"),
+    "random": ("control", 1, "uniform draw of the CLIP-30% size from the downloaded rows"),
+    "adversarial": ("control", 1, f"rows whose truth.parquet noise is one of {list(CAPTION_NOISE)} first, topped up "
+                    "by a uniform draw to the CLIP-30% size"),
+    "clip_itm_30pct": ("recipe", 1, "recipes/offline/clip_itm_30pct.yaml: top 30% by scorer v2's itm_score "
+                       "(DataComp 'CLIP score 30%')"),
+    "basic": ("recipe", 2, "recipes/offline/basic.yaml (DataComp 'Basic filtering' without its 200 px rule)"),
+    "text_based": ("recipe", 2, "recipes/offline/text_based.yaml (DataComp 'Text-based', WordNet / ImageNet-21k)"),
+    "image_based": ("recipe", 2, "recipes/offline/image_based.yaml (DataComp 'Image-based', target = the trusted "
+                    "subset's images)"),
+    "image_based_x_clip_itm_30pct": ("recipe", 2, "recipes/offline/image_based_x_clip_itm_30pct.yaml"),
+    "dedup_clip_itm_30pct": ("recipe", 2, "recipes/offline/dedup_clip_itm_30pct.yaml"),
+    "clip_itm_30pct_knowledge": ("recipe", 2, "recipes/offline/clip_itm_30pct_knowledge.yaml (K-LITE step)"),
+}
+# (A, B): the report gives B - A. Pass-2 baselines are each compared with no_filter.
+COMPARISONS: list[tuple[str, str]] = [
+    ("no_filter", "oracle"), ("no_filter", "adversarial"), ("random", "clip_itm_30pct"),
+    ("no_filter", "clip_itm_30pct"),
+] + [("no_filter", n) for n, (_, p, _) in ENTRIES.items() if p == 2]
+
+PREREGISTRATION = {
+    "question": "does the nano-scale benchmark rank a known-better subset above a known-worse one, and where do "
+                "DataComp's baselines fall, on the large offline pool?",
+    "scale": NB.SCALE,
+    "pool": "curate pool build-offline --size large --seed 0, served on 127.0.0.1 and downloaded at 64 px",
+    "seeds": [0, 1, 2],
+    "entries": {n: {"kind": k, "pass": p, "rule": r} for n, (k, p, r) in ENTRIES.items()},
+    "comparisons": [f"{b} - {a}" for a, b in COMPARISONS],
+    "control_size": f"floor({FRACTION} x downloaded rows), the CLIP-30% subset's size; draw seed {CONTROL_SEED}",
+    "scorer": {"command": "curate train-scorer --variant itm --trusted POOL_BUILD/trusted.parquet --seed 0",
+               "score": "itm_score", "auc": "measured on rows held out of every scorer training stage"},
+    "statistics": {"primary": "benchmark.compare seeds mode: two-sample t over seeds, pooled seed variance, 95%; "
+                              "Holm within each family (average, groups, tasks) over the pre-registered comparisons",
+                   "secondary": ["paired-by-seed t interval of the headline difference (95%)",
+                                 "item-level paired bootstrap per seed pair (benchmark.stats.paired_suite)"]},
+    "headline": "unweighted mean main metric over the calibration-admitted tasks of SUITE_V2_HEADLINE",
+    "samples_seen": "fixed by the nano scale (81,920)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- design
+
+
+def calibration(path: Path = CALIBRATION) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no calibration; run `python -m perf.calibrate_nano --work WORK` first "
+                         "(it admits the tasks the headline uses)")
+    return json.loads(path.read_text())
+
+
+def design(cal: dict) -> dict:
+    """The pre-registration block for this calibration (its digest pins it)."""
+    d = dict(PREREGISTRATION)
+    d["suite"] = {"tasks": cal["admitted"], "headline": cal["headline_admitted"],
+                  "calibration": {"rule": cal["rule"], "seeds": cal["seeds"], "commit": cal.get("commit"),
+                                  "created": cal.get("created")}}
+    d["digest"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    return d
+
+
+def lock_design(report: dict, d: dict, commit: str) -> dict:
+    """Record the design before the first final cell; refuse to run a different one on resume."""
+    old = report.get("preregistration")
+    if old is None:
+        report["preregistration"] = {**d, "commit": commit, "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())}
+        return report
+    if old.get("digest") != d["digest"]:
+        changed = sorted(k for k in set(old) | set(d) if k not in ("digest", "commit", "registered")
+                         and old.get(k) != d.get(k))
+        raise SystemExit(f"the pre-registered design differs from this run's in {', '.join(changed) or 'its digest'}; "
+                         "the experiment refuses to change it (start a new report file to run another design)")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- subsets
+
+
+def control_subsets(truth: Path, downloaded: list[str], fraction: float = FRACTION,
+                    seed: int = CONTROL_SEED) -> dict[str, tuple[list[str], dict]]:
+    """oracle / random / adversarial uid lists of size floor(fraction x downloaded), from truth.parquet."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(truth, columns=["uid", "noise"]).to_pydict()
+    noise = dict(zip(t["uid"], t["noise"]))
+    rows = sorted(downloaded)
+    k = int(np.floor(len(rows) * fraction + 1e-9))
+    rng = np.random.default_rng(seed)
+    clean = [u for u in rows if noise.get(u) == "none"]
+    bad = [u for u in rows if noise.get(u) in CAPTION_NOISE]
+    if len(clean) < k:
+        raise SystemExit(f"{truth}: only {len(clean)} clean downloaded rows, fewer than the control size {k}")
+    oracle = sorted(rng.choice(clean, size=k, replace=False).tolist())
+    random_ = sorted(np.random.default_rng(seed + 1).choice(rows, size=k, replace=False).tolist())
+    first = bad if len(bad) <= k else sorted(np.random.default_rng(seed + 2).choice(bad, size=k, replace=False).tolist())
+    rest = sorted(set(rows) - set(first))
+    top = np.random.default_rng(seed + 3).choice(rest, size=k - len(first), replace=False).tolist() if k > len(first) else []
+    adversarial = sorted(first + top)
+
+    def kinds(uids):
+        out: dict[str, int] = {}
+        for u in uids:
+            out[noise.get(u) or "unknown"] = out.get(noise.get(u) or "unknown", 0) + 1
+        return dict(sorted(out.items()))
+
+    return {name: (u, {"size": len(u), "of_downloaded": len(rows), "noise": kinds(u)})
+            for name, u in (("oracle", oracle), ("random", random_), ("adversarial", adversarial))}
+
+
+def recipe_subset(work: Path, name: str, pretrained: dict[str, str]) -> Path:
+    """`curate filter --recipe recipes/offline/NAME.yaml` into WORK/subsets/NAME (skips when up to date)."""
+    from curate.filter.engine import FilterConfig, filter_pool
+
+    out = work / "subsets" / name
+    filter_pool(FilterConfig(recipe=str(RECIPES / f"{name}.yaml"), pool=str(work / "pool"), out=str(out),
+                             pretrained=pretrained, progress=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def _side(label: str, runs: list[str], keys: list[str]):
+    from benchmark.compare import load_paths
+
+    side = load_paths(",".join(runs))
+    side.label = label
+    for s in side.seeds:
+        s.results = {k: v for k, v in s.results.items() if k in keys}
+    return side
+
+
+def analyse(report: dict, work: Path) -> list[dict]:
+    """Every pre-registered comparison whose both entries have all seeds, Holm-corrected together."""
+    import numpy as np
+
+    from benchmark import compare as C
+    from benchmark import stats as S
+
+    pre = report["preregistration"]
+    keys, seeds = pre["suite"]["headline"], pre["seeds"]
+    cells = report.get("cells", {})
+
+    def runs(name):
+        got = [cells.get(f"{name}/{s}") for s in seeds]
+        return None if any(c is None for c in got) else got
+
+    reps, extra = [], []
+    for a, b in COMPARISONS:
+        ra, rb = runs(a), runs(b)
+        if ra is None or rb is None:
+            continue
+        rep = C.compare_sides(_side(a, [c["run"] for c in ra], keys), _side(b, [c["run"] for c in rb], keys))
+        ha = np.array([np.mean([c["scores"][k] for k in keys]) for c in ra])
+        hb = np.array([np.mean([c["scores"][k] for k in keys]) for c in rb])
+        m, lo, hi = S.t_interval(hb - ha)
+        paired = {"diff_per_seed": (hb - ha).round(5).tolist(), "mean": float(m), "low": float(lo), "high": float(hi),
+                  "method": "paired t over seeds (95%)"}
+        items = []
+        for ca, cb, sd in zip(ra, rb, seeds):
+            sa, sb = _side(a, [ca["run"]], keys), _side(b, [cb["run"]], keys)
+            pairs = [C.paired_cells(sa.seeds[0], sb.seeds[0], k) for k in keys]
+            d = S.paired_suite(pairs, seed=sd)
+            items.append({"seed": sd, "diff": d.estimate, "low": d.low, "high": d.high, "p": d.p_value})
+        reps.append(rep)
+        extra.append({"paired_seeds": paired, "items_per_seed": items})
+    C.apply_holm(reps)
+    out = []
+    for rep, ex in zip(reps, extra):
+        avg = next(r for r in rep["rows"] if r["kind"] == "average")
+        groups = {r["name"]: {k: r[k] for k in ("mean_a", "mean_b", "diff", "low", "high", "p", "p_holm", "verdict")}
+                  for r in rep["rows"] if r["kind"] == "group"}
+        out.append({"comparison": f"{rep['b']} - {rep['a']}", "a": rep["a"], "b": rep["b"],
+                    "mean_a": avg["mean_a"], "mean_b": avg["mean_b"], "diff": avg["diff"], "low": avg["low"],
+                    "high": avg["high"], "p": avg["p"], "p_holm": avg["p_holm"], "verdict": avg["verdict"],
+                    "seeds_needed": avg["seeds_needed"], "seed_sd": avg["seed_sd"], "groups": groups,
+                    "tasks": {r["name"]: {k: r[k] for k in ("diff", "low", "high", "p_holm")}
+                              for r in rep["rows"] if r["kind"] == "task"}, **ex})
+    return out
+
+
+def entry_table(report: dict) -> list[dict]:
+    """Per entry: headline and group means with a 95% t interval over seeds."""
+    import numpy as np
+
+    from benchmark import stats as S
+    from benchmark.tasks import SUITE_V2_GROUPS
+
+    pre = report["preregistration"]
+    keys = pre["suite"]["headline"]
+    rows = []
+    for name in pre["entries"]:
+        cs = [c for c in report.get("cells", {}).values() if c["name"] == name]
+        if not cs:
+            continue
+        row = {"entry": name, "seeds": sorted(c["seed"] for c in cs), "subset_rows": cs[0].get("subset_rows")}
+        units = [("headline", keys)] + [(g, [k for k in ks if k in keys]) for g, ks in SUITE_V2_GROUPS.items()]
+        for g, gkeys in units:
+            if not gkeys:
+                continue
+            v = np.array([np.mean([c["scores"][k] for k in gkeys]) for c in cs])
+            if len(v) > 1:
+                m, lo, hi = S.t_interval(v)
+                row[g] = {"mean": float(m), "low": float(lo), "high": float(hi)}
+            else:
+                row[g] = {"mean": float(v[0]), "low": None, "high": None}
+        rows.append(row)
+    return rows
+
+
+def format_tables(report: dict) -> str:
+    lines = ["| entry | rows | seeds | headline mean [95% CI] | in-domain | style shift |", "|---|---|---|---|---|---|"]
+
+    def f(x):
+        if not x:
+            return "-"
+        return f"{x['mean']:.4f}" + (f" [{x['low']:.4f}, {x['high']:.4f}]" if x.get("low") is not None else "")
+
+    for r in report.get("entries_table", []):
+        lines.append(f"| {r['entry']} | {r['subset_rows']:,} | {len(r['seeds'])} | {f(r.get('headline'))} | "
+                     f"{f(r.get('in_domain'))} | {f(r.get('style_shift'))} |")
+    lines += ["", "| comparison | diff [95% CI] (two-sample t) | p (Holm) | paired-by-seed [95% CI] | verdict |",
+              "|---|---|---|---|---|"]
+    for c in report.get("comparisons", []):
+        ps = c["paired_seeds"]
+        lines.append(f"| {c['comparison']} | {c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] | "
+                     f"{c['p_holm']:.3g} | {ps['mean']:+.4f} [{ps['low']:+.4f}, {ps['high']:+.4f}] | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _save(path: Path, report: dict) -> None:
+    from curate.core import atomic
+
+    atomic.write_json(path, report)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmark.leaderboard import compare, connect, format_compare, format_standings, standings
-    from curate.run.demo import DemoConfig, demo
-    from curate.run.pipeline import parse_seeds
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("work"))
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--size", default="full", choices=["full", "small"])
-    ap.add_argument("--scale", default="tiny")
+    ap.add_argument("--work", type=Path, default=Path("work/nano"))
+    ap.add_argument("--pass", dest="pass_", type=int, default=1, choices=[1, 2],
+                    help="1: the key cells; 2: also the other baselines")
+    ap.add_argument("--report", type=Path, default=REPORT)
+    ap.add_argument("--report-only", action="store_true", help="recompute the analysis from finished cells")
+    ap.add_argument("--only", default=None, help="comma-separated entries to run now (others wait; design unchanged)")
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    s = demo(DemoConfig(work=args.work, size=args.size, scale=args.scale, seeds=parse_seeds(args.seeds),
-                        progress=False))
-    wall = time.perf_counter() - t0
-    db = Path(s["db"])
-    rows = standings(db, args.scale)
-    con = connect(db, read_only=True)
-    per_task = con.execute(
-        "SELECT name, key, avg(score), stddev_samp(score), count(*) FROM results WHERE scale = ? "
-        "GROUP BY name, key ORDER BY name, key", [args.scale]).fetchall()
-    con.close()
-    print(format_standings(rows))
-    print()
-    print(f"{'recipe':<24} {'task':<28} {'mean':>8} {'std':>8} {'seeds':>5}")
-    for name, key, m, sd, n in per_task:
-        print(f"{name:<24} {key:<28} {m:8.4f} {(sd if sd is not None else float('nan')):8.4f} {n:5d}")
-    for r in rows:
-        if r.name != "no_filter" and any(x.name == "no_filter" for x in rows):
-            print()
-            print(format_compare("no_filter", r.name, compare(db, "no_filter", r.name, args.scale)))
-    train_s = [st["seconds"] for st in s["stages"] if st["stage"].startswith("train ")]
-    out = {"wall_seconds_this_invocation": round(wall, 1), "stages": s["stages"],
-           "train_seconds": train_s, "standings": [r.__dict__ for r in rows]}
-    print(f"\nwall time of this invocation: {wall:.0f} s; train stages: {', '.join(f'{x:.0f}' for x in train_s)} s")
-    (Path(args.work) / "filtering_experiment.json").write_text(json.dumps(out, indent=2, default=str))
-    return out
+    from benchmark.tasks import OFFLINE_V2_KEYS
+
+    work = args.work.absolute()
+    report = json.loads(args.report.read_text()) if args.report.is_file() else {}
+    d = design(calibration())
+    if not args.report_only:
+        report = lock_design(report, d, NB.git_commit())
+        _save(args.report, report)
+        report.setdefault("prepare", NB.prepare(work))
+        downloaded = NB.success_uids(work / "pool")
+        subsets: dict[str, Path] = {}
+        for name, (uids, counts) in control_subsets(work / "pool_build" / "truth.parquet", downloaded).items():
+            NB.write_subset(work / "subsets" / name, uids, work / "pool", name, ENTRIES[name][2], counts)
+            subsets[name] = work / "subsets" / name
+            report.setdefault("controls", {})[name] = counts
+        wanted = [n for n, (_, p, _) in ENTRIES.items() if p <= args.pass_]
+        if args.only:
+            wanted = [n for n in wanted if n in args.only.split(",")]
+        for seed in report["preregistration"]["seeds"]:
+            for name in wanted:
+                cell = f"{name}/{seed}"
+                if cell in report.get("cells", {}):
+                    continue
+                if name not in subsets:
+                    subsets[name] = prepare_recipe(work, report, name)
+                rec = NB.run_cell(work, subsets[name], name, seed, OFFLINE_V2_KEYS)
+                rec["commit"] = NB.git_commit()
+                report.setdefault("cells", {})[cell] = rec
+                _save(args.report, report)
+                print(f"{cell}: headline {np_mean(rec, report):.4f}  train {rec['train_seconds']} s  eval "
+                      f"{rec['eval_seconds']} s  {rec['cpu_seconds']} CPU-s  load {rec['load_start']}->{rec['load_end']}",
+                      flush=True)
+    report["entries_table"] = entry_table(report)
+    report["comparisons"] = analyse(report, work)
+    _save(args.report, report)
+    print(format_tables(report))
+    return report
+
+
+def np_mean(rec: dict, report: dict) -> float:
+    keys = report["preregistration"]["suite"]["headline"]
+    return sum(rec["scores"][k] for k in keys) / len(keys)
+
+
+def prepare_recipe(work: Path, report: dict, name: str) -> Path:
+    """Scorer v2 (trained once, on held-out-aware rows) + its embeddings, then the recipe's filter."""
+    sc = scorer(work, report)
+    return recipe_subset(work, name, {sc["arch"]: sc["out"]})
+
+
+def scorer(work: Path, report: dict) -> dict:
+    """Train scorer v2 (itm variant) on the pool, embed the pool with it, record the AUCs once."""
+    if "scorer" in report and Path(report["scorer"]["out"]).is_file():
+        return report["scorer"]
+    from curate.run.scorer import train_scorer_v2_for_experiment
+
+    t0, c0 = time.perf_counter(), NB.cpu_seconds()
+    s = train_scorer_v2_for_experiment(work / "pool", work / "pool_build", work / "scorer")
+    s.update(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(NB.cpu_seconds() - c0, 1))
+    report["scorer"] = s
+    return s
 
 
 if __name__ == "__main__":

@@ -53,7 +53,11 @@ def test_datacomp_scales_are_the_fixed_protocol():
         assert (sc.weight_decay, sc.beta1, sc.beta2, sc.eps) == (0.2, 0.9, 0.98, 1e-6)
         assert sc.pool_size == sc.samples_seen
     assert s.steps == 3125 and s.checkpoint_steps()[-1] == 3125
-    for name in ("tiny", "debug"):
+    nano = SCALES["nano"]  # the large offline pool's laptop scale (issue 17): fixed, tied to its pool
+    assert (nano.model, nano.samples_seen, nano.batch_size, nano.lr, nano.warmup, nano.pool_size) == (
+        "curate-tiny", 81_920, 256, 1e-3, 32, 110_000)
+    assert nano.steps == 320
+    for name in ("tiny", "nano", "debug"):
         sc = SCALES[name]
         assert sc.cpu_scale and sc.warmup < sc.steps
         assert sc.checkpoint_steps() == sorted(set(sc.checkpoint_steps()))  # distinct, increasing

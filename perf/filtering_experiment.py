@@ -8,7 +8,7 @@ intervals on the large offline pool at the `nano` scale (issue 19).
 Design (fixed in PREREGISTRATION below and written into perf/filtering_experiment.json before the first final
 cell; a resumed run refuses to start when the design it would run differs from the recorded one):
 
-* every entry trains `nano` (benchmark/scales.py) for the same samples seen (81,920), so a smaller subset is seen
+* every entry trains `nano` (benchmark/scales.py) for the same samples seen (40,960), so a smaller subset is seen
   more often, as in DataComp;
 * *controls* are built from truth.parquet (never by a recipe): **oracle** (rows with no recorded noise of any kind),
   **random** (uniform over downloaded rows), **adversarial** (rows with injected caption noise first -- swapped,
@@ -85,7 +85,7 @@ PREREGISTRATION = {
                    "secondary": ["paired-by-seed t interval of the headline difference (95%)",
                                  "item-level paired bootstrap per seed pair (benchmark.stats.paired_suite)"]},
     "headline": "unweighted mean main metric over the calibration-admitted tasks of SUITE_V2_HEADLINE",
-    "samples_seen": "fixed by the nano scale (81,920)",
+    "samples_seen": "fixed by the nano scale (40,960)",
 }
 
 

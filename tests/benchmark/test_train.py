@@ -55,8 +55,8 @@ def test_datacomp_scales_are_the_fixed_protocol():
     assert s.steps == 3125 and s.checkpoint_steps()[-1] == 3125
     nano = SCALES["nano"]  # the large offline pool's laptop scale (issue 17): fixed, tied to its pool
     assert (nano.model, nano.samples_seen, nano.batch_size, nano.lr, nano.warmup, nano.pool_size) == (
-        "curate-tiny", 81_920, 256, 1e-3, 32, 110_000)
-    assert nano.steps == 320
+        "curate-tiny", 40_960, 256, 1e-3, 16, 110_000)
+    assert nano.steps == 160
     for name in ("tiny", "nano", "debug"):
         sc = SCALES[name]
         assert sc.cpu_scale and sc.warmup < sc.steps

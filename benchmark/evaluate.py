@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from benchmark.tasks import (
     CLASSIFICATION, DATACOMP_SCORED, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task,
     resolve_tasks,
 )
+from curate.clip import models
 from curate.core.atomic import cleanup_temp_siblings, write_json, write_parquet, write_text
 from curate.core.errors import CurateError
 
@@ -120,23 +120,17 @@ def resolve_model(cfg: EvalConfig) -> tuple[str, str | None, Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def _autocast(device: str):
-    import torch
-
-    # fp32 on CPU (exact, and bf16 autocast is slower on most CPUs); mixed precision on CUDA
-    return torch.autocast("cuda") if device.startswith("cuda") else nullcontext()
-
-
 def encode_texts(lm, texts: list[str], batch_size: int = 256):
-    """L2-normalised text embeddings (float32, on CPU) for a list of strings."""
+    """L2-normalised text embeddings (float32, on CPU) for a list of strings.
+
+    Through the project's one encode path (curate.clip.models.encode_texts: trimmed to each batch's longest
+    caption, autocast on CUDA), the same as `curate embed`'s captions."""
     import torch
-    import torch.nn.functional as F
 
     out = []
-    with torch.no_grad(), _autocast(lm.device):
-        for i in range(0, len(texts), batch_size):
-            tok = lm.tokenizer(texts[i:i + batch_size]).to(lm.device)
-            out.append(F.normalize(lm.model.encode_text(tok).float(), dim=-1).cpu())
+    for i in range(0, len(texts), batch_size):
+        tok = lm.tokenizer(texts[i:i + batch_size]).to(lm.device)
+        out.append(models.encode_texts(lm.model, tok).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -157,13 +151,12 @@ def encode_images(lm, evalset: EvalSet, batch_size: int, num_workers: int, progr
     reasons of samples whose image failed (they are reported, not scored).
     """
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     feats, labels, captions, metas, keys, failed = [], [], [], [], [], []
     total = 0
     bar = tqdm(desc=evalset.task.key, unit="img", disable=not progress, leave=False)
-    with torch.no_grad(), _autocast(lm.device):
+    with torch.no_grad():
         for batch in iter_batches(evalset, lm.preprocess, batch_size, num_workers):
             ok = batch["ok"]
             total += len(ok)
@@ -172,7 +165,7 @@ def encode_images(lm, evalset: EvalSet, batch_size: int, num_workers: int, progr
                     failed.append({"key": k, "error": e})
             if ok.any():
                 imgs = batch["images"][ok].to(lm.device)
-                feats.append(F.normalize(lm.model.encode_image(imgs).float(), dim=-1).cpu())
+                feats.append(models.encode_images(lm.model, imgs).cpu())
                 idx = ok.nonzero().flatten().tolist()
                 labels.append(batch["labels"][ok])
                 captions.extend(batch["captions"][i] for i in idx)
@@ -276,11 +269,10 @@ def winogavil_prompt(cue: str) -> str:
 
 def eval_winogavil(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     scores, truths, failed, total, keys, defs = [], [], [], 0, [], []
-    with torch.no_grad(), _autocast(lm.device):
+    with torch.no_grad():
         for inst in tqdm(iter_winogavil(es), desc=task.key, disable=not progress, leave=False):
             total += 1
             try:
@@ -290,7 +282,7 @@ def eval_winogavil(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool)
             except ValueError as e:
                 failed.append({"key": inst["key"], "error": str(e)})
                 continue
-            img = F.normalize(lm.model.encode_image(imgs.to(lm.device)).float(), dim=-1)
+            img = models.encode_images(lm.model, imgs.to(lm.device))
             txt = encode_texts(lm, [winogavil_prompt(inst["cue"])]).to(lm.device)
             scores.append((txt @ img.T).squeeze(0).cpu().numpy())
             truths.append(np.isin(inst["candidates"], inst["associations"]))
@@ -593,7 +585,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     "computed": [keys], "reused": [keys], "aggregates": {...}, "results_file": path}.
     """
     from curate.clip.models import load_model, model_id as make_model_id
+    from curate.core.stage import StageSummary
 
+    t_start = time.perf_counter()
     arch, ckpt, out = resolve_model(cfg)
     root = Path(cfg.evalsets) if cfg.evalsets else default_evalsets_dir()
     tasks = resolve_tasks(cfg.tasks)
@@ -676,7 +670,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "no_items": no_items, "aggregates": aggregates(results), "trained_with": _trained_with(cfg.run),
     }
     write_json(out.with_name(SUMMARY_FILE), {k: v for k, v in summary.items() if k != "results"})
-    return summary
+    # the stage contract (curate.core.stage): up to date when no task had to be computed
+    return StageSummary("evaluate", not computed, time.perf_counter() - t_start, fields=summary).as_dict()
 
 
 def _trained_with(run: Path | None) -> dict | None:

@@ -220,6 +220,9 @@ def submit(cfg: SubmitConfig) -> dict:
 
     Idempotent: when an existing bundle already holds the same files, nothing is rewritten.
     """
+    from curate.core.stage import StageSummary
+
+    t_start = time.perf_counter()
     run = Path(cfg.run)
     if not run.is_dir():
         raise CurateError(f"{run}: run directory not found")
@@ -327,7 +330,8 @@ def submit(cfg: SubmitConfig) -> dict:
         from benchmark.leaderboard import add_bundle
 
         add_bundle(Path(cfg.leaderboard_db), out)
-    return summary
+    # the stage contract (curate.core.stage): `unchanged` is kept for its readers; up to date means the same
+    return StageSummary("submit", unchanged, time.perf_counter() - t_start, fields=summary).as_dict()
 
 
 # ----------------------------------------------------------------------------------------------- verify

@@ -61,9 +61,14 @@ class TrainConfig:
     unofficial: bool = False
     overrides: dict = field(default_factory=dict)
     progress: bool = True
+    # weights loaded before step 0 (a checkpoint `final.pt` or `epoch_k.pt`): fine-tuning, e.g. the bootstrapped
+    # scorer of `curate train-scorer`. Such a run is not a benchmark run (official: false, its sha256 is part of
+    # the fingerprint, so a resume must name the same file).
+    init_checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
+        self.init_checkpoint = Path(self.init_checkpoint) if self.init_checkpoint else None
         if self.out is None:
             self.out = self.data / "runs" / f"{self.scale}-seed{self.seed}"
         self.out = Path(self.out)
@@ -176,10 +181,12 @@ def train(cfg: TrainConfig) -> dict:
     from open_clip_train.scheduler import cosine_lr
     from tqdm import tqdm
 
-    from curate.clip.models import register_configs, resolve_device
+    from curate.clip.models import create_model_for_training, register_configs, resolve_device
 
     scale: Scale = override(get_scale(cfg.scale), cfg.overrides, cfg.unofficial)
-    official = scale == get_scale(cfg.scale)
+    official = scale == get_scale(cfg.scale) and cfg.init_checkpoint is None
+    if cfg.init_checkpoint is not None and not cfg.init_checkpoint.is_file():
+        raise CurateError(f"init_checkpoint {cfg.init_checkpoint}: no such file")
     shards = find_shards(cfg.data)
     rank, local_rank, world = _dist_env()
     if scale.batch_size % world:
@@ -189,6 +196,8 @@ def train(cfg: TrainConfig) -> dict:
         "scale": scale.as_dict(), "official": official, "subset_hash": subset_hash(cfg.data, shards),
         "seed": cfg.seed, "world_size": world, "workers": cfg.workers,
     }
+    if cfg.init_checkpoint is not None:  # only then: the fingerprints of existing runs stay what they were
+        fingerprint_fields["init_checkpoint_sha256"] = sha256_file(cfg.init_checkpoint)
     fingerprint = hashlib.sha256(json.dumps(fingerprint_fields, sort_keys=True).encode()).hexdigest()[:16]
     out = cfg.out
     ckpt_dir = out / "checkpoints"
@@ -216,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     # ---- model, loss, optimizer
     register_configs()
     torch.manual_seed(cfg.seed)
-    model, preprocess_train, _ = open_clip.create_model_and_transforms(scale.model, pretrained=None, device=device)
+    model, preprocess_train, _ = create_model_for_training(scale.model, device=device)
     tokenizer = open_clip.get_tokenizer(scale.model)
     if scale.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -248,6 +257,13 @@ def train(cfg: TrainConfig) -> dict:
             scaler.load_state_dict(ck["scaler"])
         step = int(ck["step"])
         log.info("resuming %s from %s (step %d)", out, path.name, step)
+    elif cfg.init_checkpoint is not None:
+        try:
+            init = torch.load(cfg.init_checkpoint, map_location=device, weights_only=True)
+            raw_model.load_state_dict(init.get("state_dict", init) if isinstance(init, dict) else init)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file surfaces as pickle/Key/Runtime errors alike
+            raise CurateError(f"init_checkpoint {cfg.init_checkpoint}: cannot load {scale.model} weights from it "
+                              f"({type(e).__name__}: {e})") from None
     if is_main:
         _truncate_log(out / "log.jsonl", step)  # drop what a killed run logged after its last checkpoint
 
@@ -261,6 +277,9 @@ def train(cfg: TrainConfig) -> dict:
         "checkpoints": [f"checkpoints/epoch_{k}.pt" for k in range(1, scale.num_checkpoints + 1)],
         "final_checkpoint": "final.pt", "model": scale.model,
     }
+    if cfg.init_checkpoint is not None:
+        info["init_checkpoint"] = {"path": str(cfg.init_checkpoint),
+                                   "sha256": fingerprint_fields["init_checkpoint_sha256"]}
     # a resumed run keeps the settings of its earlier sessions when they differ (its weights depend on them)
     earlier = list((old or {}).get("reproducibility_earlier", []))
     if old and old.get("reproducibility") and old["reproducibility"] != info["reproducibility"]:

@@ -99,6 +99,9 @@ class Filter:
         their own beyond loading bundled resources):
           ``pool``: pool directory (str); ``seed``: int; ``cache_dir``: str, a writable cache folder;
           ``model_id``: embeddings folder name this step reads (when it uses embeddings);
+          ``recipe_dir``: the recipe file's folder; ``paths``: the step's path parameters (Params fields
+          with ``metadata={"path": True}``) as the recipe validation resolved and checked them, read
+          with `filters.common.param_path`;
           ``embed_image_paths``: callable(list[str]) -> float32 array (n, d) of L2-normalised image
           embeddings computed with the same model as the step's pool embeddings (for target sets
           such as image_based's reference images or decontaminate's evaluation images).

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from filters.base import Batch, Filter, StepResult, register
+from filters.common import EmbeddingParams, column
 
 
 def top_fraction_keep(uid: pa.Array, score: pa.Array, fraction: float, datacomp_ties: bool = False) -> tuple[np.ndarray, float]:
@@ -55,26 +56,22 @@ class ClipScoreFilter(Filter):
     columns = ("clip_score",)
 
     @dataclass
-    class Params:
-        model: str | None = None  # architecture whose embeddings to read (e.g. ViT-L-14)
-        pretrained: str | None = None  # weights tag or local checkpoint (selects the embeddings folder)
+    class Params(EmbeddingParams):
         threshold: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})
         keep_top_fraction: float | None = field(default=None, metadata={"gt": 0.0, "max": 1.0})
         datacomp_ties: bool = False
 
         def check(self) -> None:
+            super().check()
             if (self.threshold is None) == (self.keep_top_fraction is None):
                 raise ValueError("threshold: give exactly one of threshold or keep_top_fraction")
 
     def apply(self, batch: Batch) -> StepResult:
         p = self.params
-        score = batch.table["clip_score"]
-        score = score.combine_chunks() if isinstance(score, pa.ChunkedArray) else score
+        score = column(batch.table, "clip_score")
         s = pc.fill_null(score, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
         if p.keep_top_fraction is not None:
-            uid = batch.table["uid"]
-            uid = uid.combine_chunks() if isinstance(uid, pa.ChunkedArray) else uid
-            keep, thr = top_fraction_keep(uid, score, p.keep_top_fraction, p.datacomp_ties)
+            keep, thr = top_fraction_keep(column(batch.table, "uid"), score, p.keep_top_fraction, p.datacomp_ties)
         else:
             thr = p.threshold
             keep = ~np.isnan(s) & (s >= thr)

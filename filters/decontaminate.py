@@ -16,8 +16,8 @@ measure generalisation, not memorisation. This step does the same for any evalua
   cosine >= ``threshold`` with any of them is dropped (FAISS search, exact for evaluation-set sizes).
 
 The reason names the evaluation image (path relative to PATH, ``shard.tar:member`` for shards);
-the score is the row's highest cosine to any evaluation image. A relative PATH is looked up next
-to the recipe file first, then in the working directory.
+the score is the row's highest cosine to any evaluation image. A relative PATH is read from the
+recipe's folder (`filters.common.resolve_path`), and a missing one is a recipe error before any work starts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,31 +37,20 @@ from curate.lib import faiss_index
 from curate.core.hashing import sha256_file
 from curate.core.atomic import atomic_path, write_bytes
 from curate.core.errors import CurateError
+from curate.core.images import MAX_IMAGE_PIXELS as MAX_PIXELS, ImageDecodeError, decode_image_file
+from curate.core.tar_reader import MAX_MEMBER_BYTES, iter_members
 from filters.base import Batch, Filter, StepResult, register
-from filters.dedup import column, normalise
+from filters.common import EmbeddingParams, column, normalise, param_path
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_MEMBER_BYTES = 64 * 2**20  # an evaluation image larger than this is not an image we embed
-MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
 class EvalImage:
     path: Path  # a real file on disk (extracted for tar members)
     label: str  # what the ledger shows: relative path, or "shard.tar:member"
-
-
-def resolve_evalsets(path: str, context: dict) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        recipe_dir = context.get("recipe_dir")
-        cands = ([Path(recipe_dir) / p] if recipe_dir else []) + [Path.cwd() / p]
-        p = next((c for c in cands if c.exists()), cands[0])
-    if not p.exists():
-        raise CurateError(f"decontaminate: evalsets: {path} not found (looked for {p})")
-    return p
 
 
 def _extract_tar(tar_path: Path, root: Path, cache: Path) -> list[EvalImage]:
@@ -76,20 +64,19 @@ def _extract_tar(tar_path: Path, root: Path, cache: Path) -> list[EvalImage]:
         entries = json.loads(index_file.read_text())
     else:
         entries = []
+        # The project's one tar reader with its member cap (evaluation members are small: all are read, in
+        # one streamed pass). Names are not checked: a member's name is only ever a label here, and an
+        # evaluation image under a hostile name is still one whose copies must go.
         try:
-            with tarfile.open(tar_path) as tf:
-                for i, m in enumerate(tf):
-                    ext = os.path.splitext(m.name)[1].lower()
-                    if not m.isfile() or ext not in IMAGE_EXTS or m.size > MAX_MEMBER_BYTES:
-                        continue
-                    fh = tf.extractfile(m)
-                    if fh is None:
-                        continue
-                    # Our own file name, never the member's: a hostile "../../x" stays a label.
-                    name = f"{i:08d}{ext}"
-                    write_bytes(dest / name, fh.read(MAX_MEMBER_BYTES + 1)[:MAX_MEMBER_BYTES])
-                    entries.append([name, m.name])
-        except (tarfile.TarError, OSError) as e:
+            for i, m in enumerate(iter_members(tar_path, check_names=False)):
+                ext = os.path.splitext(m.name)[1].lower()
+                if m.is_dir or m.problem or m.data is None or ext not in IMAGE_EXTS:
+                    continue
+                # Our own file name, never the member's: a hostile "../../x" stays a label.
+                name = f"{i:08d}{ext}"
+                write_bytes(dest / name, m.data)
+                entries.append([name, m.name])
+        except CurateError as e:
             raise CurateError(f"decontaminate: cannot read evaluation shard {tar_path}: {e}") from None
         with atomic_path(index_file) as tmp:
             tmp.write_text(json.dumps(entries))
@@ -114,14 +101,11 @@ def collect_eval_images(root: Path, cache: Path) -> list[EvalImage]:
 
 
 def _readable(path: Path) -> bool:
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    """Whether the image decodes under the project's pixel cap (the decoder the embedder uses on it next)."""
     try:
-        with Image.open(path) as im:
-            im.verify()
+        decode_image_file(path, MAX_PIXELS, max_bytes=MAX_MEMBER_BYTES)
         return True
-    except Exception:  # noqa: BLE001 - any decoding failure means "not an image we can use"
+    except ImageDecodeError:
         return False
 
 
@@ -135,11 +119,9 @@ class DecontaminateFilter(Filter):
     embeddings = ("image",)
 
     @dataclass
-    class Params:
-        evalsets: str
+    class Params(EmbeddingParams):
+        evalsets: str = field(metadata={"path": True})
         threshold: float = field(default=0.9, metadata={"min": -1.0, "max": 1.0})
-        model: str | None = None
-        pretrained: str | None = None
 
     def __init__(self, params):
         super().__init__(params)
@@ -149,7 +131,9 @@ class DecontaminateFilter(Filter):
         self.sha_to_label: dict[str, str] = {}
 
     def setup(self, context) -> None:
-        root = resolve_evalsets(self.params.evalsets, context)
+        root = param_path(self.params, "evalsets", context)
+        if not root.exists():
+            raise CurateError(f"decontaminate: evalsets: {self.params.evalsets} not found (looked for {root})")
         cache = Path(context.get("cache_dir") or Path.home() / ".cache" / "curate")
         found = collect_eval_images(root, cache)
         readable = [_readable(im.path) for im in found]

@@ -30,49 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.lib import faiss_index
+from curate.lib import collapse, faiss_index
 from filters.base import Batch, Filter, StepResult, register
-
-
-def column(table: pa.Table, name: str) -> pa.Array | None:
-    """A column as one contiguous array, or None when the batch does not have it."""
-    if name not in table.column_names:
-        return None
-    col = table[name]
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-
-
-def pool_order(table: pa.Table) -> np.ndarray:
-    """Rank of each row in pool order (shard, key, uid): rank 0 = the first occurrence."""
-    keys = [("uid", "ascending")]
-    for name in ("key", "shard"):
-        if name in table.column_names:
-            keys.insert(0, (name, "ascending"))
-    keys.sort(key=lambda k: ("shard", "key", "uid").index(k[0]))
-    order = pc.sort_indices(table.select([k for k, _ in keys]), sort_keys=keys).to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return rank
-
-
-def normalise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Re-normalise float16-rounded vectors; return (unit vectors, mask of rows that have one).
-
-    One output copy and no other (n, d) temporaries: at 1M x 512 each copy is 2 GiB.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] == 0:
-        return np.zeros((len(x), 0), np.float32), np.zeros(len(x), dtype=bool)
-    sq = np.einsum("ij,ij->i", x, x)  # NaN for rows with a NaN, no (n, d) temporary
-    ok = np.isfinite(sq) & (sq > 0)
-    norms = np.sqrt(np.where(ok, sq, 1.0), dtype=np.float32)
-    out = np.divide(x, norms[:, None], dtype=np.float32)
-    out[~ok] = 0.0
-    return out, ok
-
-
-def _norm_text(a: pa.Array) -> pa.Array:
-    return pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(a), r"\s+", " "))
+from filters.common import EmbeddingParams, column, normalise, normalise_text, pool_order
 
 
 def exact_codes(table: pa.Table, on: str) -> np.ndarray:
@@ -87,7 +47,7 @@ def exact_codes(table: pa.Table, on: str) -> np.ndarray:
         text = column(table, "text")
         if text is None:
             raise ValueError("dedup on text needs the column text")
-        parts.append(_norm_text(text.cast(pa.string())))
+        parts.append(normalise_text(text.cast(pa.string())))
     key = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(parts[0], parts[1], "\x00")
     enc = key.dictionary_encode()
     codes = enc.indices.to_numpy(zero_copy_only=False)
@@ -122,19 +82,18 @@ class DedupFilter(Filter):
     embeddings = ("image", "text")
 
     @dataclass
-    class Params:
+    class Params(EmbeddingParams):
         on: Literal["image", "text", "both"] = "image"
         threshold: float = field(default=0.95, metadata={"min": -1.0, "max": 1.0})
         index: Literal["auto", "flat", "ivf"] = "auto"
         keep: Literal["first", "highest_clip_score"] = "first"
         neighbors: int = field(default=faiss_index.DEFAULT_K, metadata={"min": 2, "max": 1024})
         nprobe: int | None = field(default=None, metadata={"min": 1})
-        model: str | None = None  # architecture whose embeddings to read
-        pretrained: str | None = None  # weights tag or local checkpoint (selects the embeddings folder)
 
     def __init__(self, params):
         super().__init__(params)
         self.seed = 0
+        self.model_id: str | None = None
         self.last_index: faiss_index.IndexChoice | None = None
         # What these params actually read (a runner that honours instance declarations loads less).
         on = params.on
@@ -144,6 +103,7 @@ class DedupFilter(Filter):
 
     def setup(self, context) -> None:
         self.seed = int(context.get("seed") or 0)
+        self.model_id = context.get("model_id")
 
     def _vectors(self, batch: Batch, which: str) -> np.ndarray:
         x = batch.image_emb if which == "image" else batch.text_emb
@@ -185,6 +145,8 @@ class DedupFilter(Filter):
         ni = nj = np.empty(0, dtype=np.int64)
         if len(cand) > 1:
             xc = x if len(cand) == n else x[cand]  # no 2 GiB copy when every row takes part
+            # a collapsed space makes every pair a "duplicate": refuse it (curate/lib/collapse.py) before the search
+            collapse.check_not_collapsed(xc, f"dedup on {primary} embeddings", self.model_id, self.seed)
             faiss_index.warn_if_collapsed(xc, p.threshold, "dedup")
             i, j, _, choice = faiss_index.near_pairs(xc, p.threshold, p.index, p.neighbors, self.seed, p.nprobe)
             del xc

@@ -7,8 +7,8 @@ the pool samples whose nearest centroid is one of those, after a light caption f
 spherical since embeddings are L2-normalised, trained on at most `max_train_points` rows sampled
 with that seed), and the target set is any folder of images (e.g. a local evaluation set's
 training split), embedded by the runner with the same model as the pool embeddings. `target` may
-also be a ``.npy`` file of (n, d) target embeddings. Relative paths are resolved against the
-recipe's folder first, then the pool folder.
+also be a ``.npy`` file of (n, d) target embeddings. A relative path is read from the recipe's
+folder (`filters.common.resolve_path`), and a missing one is a recipe error before any work starts.
 
 The score is the rank of a row's cluster among target clusters by how many targets it holds
 (0 = most); rows in non-target clusters and rows without an embedding are dropped.
@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from filters.base import Batch, Filter, StepResult, register
-from filters.basic import char_counts, english_mask, language_model, word_counts
+from filters.common import EmbeddingParams, char_counts, column, language_gate, language_model, param_path, word_counts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -38,10 +37,9 @@ class ImageBasedFilter(Filter):
     embeddings = ("image",)
 
     @dataclass
-    class Params:
-        target: str  # folder of target images (recursive) or .npy of target embeddings
-        model: str | None = None
-        pretrained: str | None = None
+    class Params(EmbeddingParams):
+        # folder of target images (recursive) or .npy of target embeddings
+        target: str = field(metadata={"path": True})
         n_clusters: int = field(default=1024, metadata={"min": 2})
         max_train_points: int = field(default=1_000_000, metadata={"min": 100})
         niter: int = field(default=20, metadata={"min": 1})
@@ -51,15 +49,10 @@ class ImageBasedFilter(Filter):
     def _resolve(self, context) -> Path:
         from curate.core.errors import CurateError
 
-        p = Path(self.params.target)
-        if not p.is_absolute():
-            for base in (context.get("recipe_dir"), context.get("pool"), "."):
-                if base is not None and (Path(base) / p).exists():
-                    p = Path(base) / p
-                    break
+        p = param_path(self.params, "target", context)
         if not p.exists():
             raise CurateError(f"image_based target {self.params.target}: no such folder or .npy file "
-                              f"(relative paths are tried against the recipe folder and the pool)")
+                              f"(looked for {p}; a relative path is read from the recipe's folder)")
         return p
 
     def setup(self, context) -> None:
@@ -103,15 +96,11 @@ class ImageBasedFilter(Filter):
                               f"{emb.shape[1]}: embed the targets with the pool's model")
         cand = valid.copy()
         if p.caption_filter:
-            text = batch.table["text"]
-            text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+            text = column(batch.table, "text")
             short = cand & ((word_counts(text) <= 1) | (char_counts(text) <= 5))
             reason[short] = "caption too short"
             cand &= ~short
-            is_en, labels = english_mask(text, cand)
-            bad = cand & ~is_en
-            reason[bad] = [f"language {lab or '?'} != en" for lab in labels[bad]]
-            cand &= is_en
+            cand = language_gate(text, cand, reason)
         x = np.ascontiguousarray(emb[valid], dtype=np.float32)
         k = int(min(p.n_clusters, max(1, len(x))))
         rng = np.random.default_rng(self.seed)

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from curate.lib import wordnet
 from filters.base import Batch, Filter, StepResult, register
-from filters.dedup import column
+from filters.common import column
 
 
 def augment(text: str, glosses: list[str]) -> str:

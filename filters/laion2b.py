@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from filters.base import Batch, Filter, StepResult, register
-from filters.basic import english_mask, language_model
+from filters.common import EmbeddingParams, column, language_gate, language_model
 
 
 @register
@@ -27,9 +26,8 @@ class Laion2bFilter(Filter):
     columns = ("text", "clip_score")
 
     @dataclass
-    class Params:
-        model: str | None = "ViT-B-32"
-        pretrained: str | None = None
+    class Params(EmbeddingParams):
+        model: str | None = field(default="ViT-B-32", kw_only=True)  # DataComp's rule is OpenAI B/32's score
         threshold: float = field(default=0.28, metadata={"min": -1.0, "max": 1.0})
         english: bool = True
 
@@ -39,7 +37,7 @@ class Laion2bFilter(Filter):
 
     def apply(self, batch: Batch) -> StepResult:
         p = self.params
-        score = batch.table["clip_score"]
+        score = column(batch.table, "clip_score")
         s = pc.fill_null(score, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
         reason = np.full(len(s), None, dtype=object)
         reason[np.isnan(s)] = "no clip score"
@@ -47,10 +45,5 @@ class Laion2bFilter(Filter):
         reason[low] = f"clip score < {p.threshold:g}"
         keep = reason == None  # noqa: E711
         if p.english:
-            text = batch.table["text"]
-            text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
-            is_en, labels = english_mask(text, keep)
-            bad = keep & ~is_en
-            reason[bad] = [f"language {lab or '?'} != en" for lab in labels[bad]]
-            keep = keep & is_en
+            keep = language_gate(column(batch.table, "text"), keep, reason)
         return StepResult(keep=keep, score=s, reason=reason, threshold=p.threshold)

@@ -27,8 +27,9 @@ from typing import Literal
 
 import numpy as np
 
+from curate.lib import collapse
 from filters.base import Batch, Filter, StepResult, register
-from filters.dedup import column, normalise, pool_order
+from filters.common import EmbeddingParams, column, normalise, pool_order
 
 BLOCK_ELEMENTS = 1 << 24  # similarity entries computed per block (64 MiB of float32)
 
@@ -79,22 +80,22 @@ class SemDedupFilter(Filter):
     embeddings = ("image", "text")
 
     @dataclass
-    class Params:
+    class Params(EmbeddingParams):
         clusters: int | None = field(default=None, metadata={"min": 1})  # None: ~1 per 1,000 rows
         eps: float = field(default=0.05, metadata={"min": 0.0, "max": 2.0})
         keep: Literal["closest_to_centroid", "farthest_from_centroid"] = "closest_to_centroid"
         on: Literal["image", "text"] = "image"
-        model: str | None = None
-        pretrained: str | None = None
 
     def __init__(self, params):
         super().__init__(params)
         self.seed = 0
         self.n_clusters = 0
+        self.model_id: str | None = None
         self.embeddings = (params.on,)  # what these params read (the class declares the superset)
 
     def setup(self, context) -> None:
         self.seed = int(context.get("seed") or 0)
+        self.model_id = context.get("model_id")
 
     def apply(self, batch: Batch) -> StepResult:
         p = self.params
@@ -111,6 +112,8 @@ class SemDedupFilter(Filter):
         rows = np.flatnonzero(ok)
         if len(rows) < 2:
             return StepResult(keep=keep, score=score, reason=reason, threshold=1.0 - p.eps)
+        # a collapsed space puts every row within eps of another: refuse it (curate/lib/collapse.py)
+        collapse.check_not_collapsed(x[rows], f"semdedup on {p.on} embeddings", self.model_id, self.seed)
         k = p.clusters or max(1, math.ceil(len(rows) / 1000))
         assign, cent = kmeans_assign(x[rows], k, self.seed)
         self.n_clusters = len(cent)

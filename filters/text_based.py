@@ -15,15 +15,14 @@ The score recorded is the number of caption words that matched.
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from filters.base import Batch, Filter, StepResult, register
-from filters.basic import english_mask, language_model
+from filters.common import column, language_gate, language_model, param_path
 
 _PUNCT = string.punctuation + "“”‘’«»…"
 
@@ -63,12 +62,14 @@ class TextBasedFilter(Filter):
     @dataclass
     class Params:
         english: bool = True
-        synsets_file: str | None = None  # default: timm's imagenet21k_goog_synsets.txt
+        # default: timm's imagenet21k_goog_synsets.txt; a relative path is read from the recipe's folder
+        synsets_file: str | None = field(default=None, metadata={"path": True})
 
     def setup(self, context) -> None:
         from curate.lib.wordnet import get_wordnet
 
-        self.wnids = load_wnids(self.params.synsets_file)
+        path = param_path(self.params, "synsets_file", context) if self.params.synsets_file else None
+        self.wnids = load_wnids(str(path) if path else None)
         get_wordnet()
         if self.params.english:
             language_model()
@@ -89,15 +90,11 @@ class TextBasedFilter(Filter):
         return n
 
     def apply(self, batch: Batch) -> StepResult:
-        text = batch.table["text"]
-        text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
+        text = column(batch.table, "text")
         matches = np.array([self.count_matches(t) for t in text.to_pylist()], dtype=np.float64)
         reason = np.full(len(matches), None, dtype=object)
         reason[matches == 0] = "no ImageNet-21k noun in caption"
         keep = matches > 0
         if self.params.english:
-            is_en, labels = english_mask(text, keep)
-            bad = keep & ~is_en
-            reason[bad] = [f"language {lab or '?'} != en" for lab in labels[bad]]
-            keep = keep & is_en
+            keep = language_gate(text, keep, reason)
         return StepResult(keep=keep, score=matches, reason=reason)

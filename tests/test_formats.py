@@ -347,7 +347,8 @@ def run(tmp_path_factory) -> dict[str, Path]:
     pool = root / "pool"
 
     ckpt = random_checkpoint(root / "model.pt", 0, ARCH)
-    embed(EmbedConfig(pool=pool, model=ARCH, pretrained=str(ckpt), batch_size=8, decode="inline", progress=False))
+    emb = embed(EmbedConfig(pool=pool, model=ARCH, pretrained=str(ckpt), batch_size=8, decode="inline", progress=False))
+    _write_itm_scores(pool, emb["model_id"], root / "scores_pool")
 
     steps = "  - clip_score: {threshold: -1.0}\n  - clip_score: {keep_top_fraction: 0.9}\n"
     if _have_wordnet():
@@ -382,6 +383,20 @@ def run(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "pool": pool, "subsets": [subset, root / "dc_subset"], "reshards": [subset, odd],
             "run": run_dir, "bundle": run_dir / "submission", "dc_source": root / "dc_source",
             "dc_pool": root / "dc_pool"}
+
+
+def _write_itm_scores(pool: Path, model_id: str, dest: Path) -> None:
+    """A scores folder (`curate train-scorer --variant itm`'s form) from an untrained head, in another pool folder
+    so the embeddings block only sees embeddings."""
+    import torch
+
+    from curate.run import itm
+
+    files, uids, img, txt = itm.load_embeddings(pool, model_id)
+    torch.manual_seed(0)
+    head = itm.make_head(img.shape[1], 8).state_dict()
+    itm.write_scores(dest, f"{ARCH}-itm__000000000000", files, uids, {itm.SCORE_COLUMN: itm.score(head, img.shape[1], 8, img, txt)},
+                     {"curate.embeddings_model_id": model_id, "curate.scorer": "head.pt"})
 
 
 def _tar_jsons(tars: list[Path]) -> list[tuple[str, Any]]:
@@ -422,6 +437,8 @@ FILES: dict[str, Callable[[dict], list]] = {
         lambda r: sorted((r["dc_pool"] / "embeddings").glob("*/_datacomp_index.parquet")),
     "POOL/datacomp.json": lambda r: _load(r["dc_pool"] / "datacomp.json"),
     "POOL/embeddings/<model-id>/<shard>.parquet": lambda r: sorted((r["pool"] / "embeddings").glob("*/0*.parquet")),
+    "POOL/embeddings/<scores-id>/<shard>.parquet":
+        lambda r: sorted((r["root"] / "scores_pool" / "embeddings").glob("*/0*.parquet")),
     "SUBSET/subset.parquet": lambda r: [s / "subset.parquet" for s in r["subsets"]],
     "SUBSET/decisions.parquet": lambda r: [s / "decisions.parquet" for s in r["subsets"]],
     "SUBSET/manifest.json": lambda r: [x for s in r["subsets"] for x in _load(s / "manifest.json")],
@@ -478,6 +495,9 @@ def test_every_optional_and_pattern_entry_occurs(checked):
     # device or CPU changed: neither happens in this CPU-only, uninterrupted run
     unused = [u for u in unused if not re.search(r"(reproducibility|trained_with)\.(gpu|cuda)\b|: (gpu|cuda)\b"
                                                    r"|reproducibility_earlier", u)]
+    # written only by a run started from other weights (init_checkpoint); tests/benchmark/test_train_init.py
+    # checks such an info.json against the same block
+    unused = [u for u in unused if not re.search(r"RUN/info\.json: (init_checkpoint\w*|path|sha256) never", u)]
     # written only by `curate evaluate --allow-partial` on an incomplete eval set (this run's sets are complete);
     # tests/reliability/test_eval_integrity.py checks such a line against the same block
     unused = [u for u in unused if not re.search(r"RUN/eval_results\.jsonl: (partial|n_expected) ", u)]

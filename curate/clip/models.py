@@ -124,6 +124,84 @@ def load_model(arch: str, pretrained: str | None = None, device: str = "auto") -
     return LoadedModel(model, preprocess, tokenizer, arch, pretrained, model_id(arch, pretrained), device)
 
 
+def create_model_for_training(arch: str, device: str = "cpu"):
+    """(model, train transform, eval transform) of `arch` with fresh weights, for benchmark/train.py.
+
+    Here so that every open_clip model of the project is built by this module (the project's
+    architectures registered, one place to change the factory call); tests/test_layout.py enforces it."""
+    import open_clip
+
+    register_configs()
+    if arch not in open_clip.list_models():
+        raise CurateError(f"unknown model architecture {arch!r} (`python -c 'import open_clip; "
+                          f"print(open_clip.list_models())'` lists all)")
+    return open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+
+
+# ---------------------------------------------------------------- the one encode path
+# embed (pool images and captions), the filter's target images and evaluate all encode through these, so
+# the three agree on normalisation, precision and text trimming.
+
+
+def autocast(device: str):
+    """fp16 mixed precision on CUDA, exact fp32 on CPU (CPU autocast is slower on most processors).
+
+    fp16 rather than bf16: it is what DataComp's evaluation (clip_benchmark's amp) and our training use, so
+    scores stay comparable with published ones, and its 10-bit mantissa is closer to the float16 the
+    embeddings are stored in than bf16's 7 bits; CLIP's layer norms and softmax stay fp32 under autocast."""
+    import contextlib
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def encode_text_trimmed(model, tokens):
+    """`model.encode_text` computed only up to the batch's longest caption.
+
+    Exact for open_clip's `CLIP` with a causal mask and argmax (end-token) pooling: a position
+    never attends to later ones, so the padding after the last end token cannot change the pooled
+    features (floating-point sums over fewer masked positions may differ in the last bits; evaluation
+    scores stay within 1e-3, tests/benchmark/test_evaluate_encode.py). Other text towers fall back to
+    the model's own encode_text.
+    """
+    import open_clip
+    import torch
+
+    if not (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max().item()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+def encode_images(model, images):
+    """L2-normalised float32 image embeddings of a batch of preprocessed images (on the images' device)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode(), autocast(images.device.type):
+        return F.normalize(model.encode_image(images).float(), dim=-1)
+
+
+def encode_texts(model, tokens):
+    """L2-normalised float32 text embeddings of a batch of tokens, trimmed to its longest caption."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode(), autocast(tokens.device.type):
+        return F.normalize(encode_text_trimmed(model, tokens).float(), dim=-1)
+
+
 def save_checkpoint(model, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Save weights in a form `open_clip.create_model_and_transforms(arch, pretrained=path)` loads."""
     import torch

@@ -20,7 +20,7 @@ How the work is laid out (why it is fast):
     torch DataLoader worker processes (one shard per worker; 1 on CPU, 4 on GPU), overlapping the
     forward pass; a thread-pool mode exists too (`--decode thread`) and was measured against it in
     perf/bench_embed.py;
-  * torch.inference_mode, channels_last on CPU, fp16/bf16 autocast on CUDA;
+  * torch.inference_mode, channels_last on CPU, fp16 autocast on CUDA (curate.clip.models.autocast);
   * text is encoded only up to the longest caption of the batch instead of the model's full context
     (exact for causal, argmax-pooled CLIP text towers: padding after the end token cannot influence
     it), which is most of the text cost for short captions;
@@ -40,17 +40,19 @@ from typing import Any, Iterator
 
 import click
 
+from curate.clip import models
 from curate.core.errors import CurateError
+from curate.core.parallel import RayActor
+from curate.core.stage import StageSummary
 from curate.pool.io import (
     MAX_IMAGE_PIXELS,
     ImageDecodeError,
     Shard,
-    check_pool,
     decode_image,
     iter_samples,
-    list_shards,
     read_shard_metadata,
 )
+from curate.pool.pool import Pool
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = "1"
@@ -322,28 +324,9 @@ def _worker_init(_: int) -> None:
 # Model side
 
 
-def encode_text_trimmed(model, tokens):
-    """`model.encode_text` computed only up to the batch's longest caption.
-
-    Exact for open_clip's `CLIP` with a causal mask and argmax (end-token) pooling: a position
-    never attends to later ones, so the padding after the last end token cannot change the pooled
-    features. Other text towers fall back to the model's own encode_text.
-    """
-    import open_clip
-    import torch
-
-    if not (isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None):
-        return model.encode_text(tokens)
-    length = int(tokens.argmax(dim=-1).max().item()) + 1
-    tokens = tokens[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return x
+# The encode path (normalisation, autocast on CUDA, text trimmed to the batch's longest caption) is the one
+# in curate.clip.models, shared with the filter's target images and evaluate; re-exported under its old name.
+encode_text_trimmed = models.encode_text_trimmed
 
 
 class Embedder:
@@ -370,28 +353,16 @@ class Embedder:
         with torch.inference_mode():  # output width, needed even for a shard with no rows
             self.dims = int(model.encode_text(self.loaded.tokenizer([""]).to(self.device)).shape[-1])
 
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.device.startswith("cuda"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
-
     def _forward(self, batch: dict[str, Any]) -> tuple[Any, Any]:
         import torch
-        import torch.nn.functional as F
 
         img_emb = None
-        with torch.inference_mode(), self._autocast():
-            if batch["images"] is not None:
-                x = batch["images"].to(self.device, non_blocking=True)
-                if self.device == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                img_emb = F.normalize(self.model.encode_image(x).float(), dim=-1).cpu().numpy()
-            txt_emb = F.normalize(encode_text_trimmed(self.model, batch["tokens"].to(self.device)).float(), dim=-1)
+        if batch["images"] is not None:
+            x = batch["images"].to(self.device, non_blocking=True)
+            if self.device == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            img_emb = models.encode_images(self.model, x).cpu().numpy()
+        txt_emb = models.encode_texts(self.model, batch["tokens"].to(self.device))
         return img_emb, txt_emb.cpu().numpy()
 
     def run(self, jobs: list[ShardJob], on_shard_done=None, progress=None) -> list[dict]:
@@ -496,77 +467,38 @@ class Embedder:
 
 
 def _run_ray(cfg: EmbedConfig, mid: str, jobs: list[ShardJob], progress) -> list[dict]:
-    """Hand each actor one shard at a time. An actor whose process or node dies mid-shard has written
-    nothing of that shard (files are atomic), so its shard goes back to the queue for the other actors; the
-    dead actor is not replaced, since its node may be gone and an actor waiting for resources that never
-    come would hang the run. Only when every actor has died is it a MachineFailure (naming the lost nodes);
-    a rerun then resumes at the unfinished shards."""
-    try:
-        import ray
-    except ImportError:
-        from curate.core.errors import MissingDependencyError
+    """Hand each actor one shard at a time (curate.core.parallel.actor_map). An actor whose process or node dies
+    mid-shard has written nothing of that shard (files are atomic), so its shard goes back to the queue for the
+    other actors; the dead actor is not replaced, since its node may be gone and an actor waiting for resources
+    that never come would hang the run. Only when every actor has died is it a MachineFailure (naming the lost
+    nodes); a rerun then resumes at the unfinished shards."""
+    from curate.core.errors import MachineFailure
+    from curate.core.parallel import Resources, actor_map, ray_session
 
-        raise MissingDependencyError("ray", "pip install 'ray[default]'") from None
-    from curate.core.ray_failures import describe, is_system_failure, live_nodes, machine_failure
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, logging_level=logging.WARNING)
-        started = True
-    try:
+    with ray_session(cfg.ray_address) as ray:
         use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
-        opts = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": cfg.cpus_per_worker}
-        n_actors = min(cfg.workers, len(jobs))
-        actor_cls = ray.remote(**opts)(_EmbedActor)
+        res = Resources(cpus=1, gpus=1) if use_gpu else Resources(cpus=cfg.cpus_per_worker)
         actor_cfg = EmbedConfig(**{**asdict(cfg), "device": "cuda" if use_gpu else cfg.device, "progress": False})
-        nodes = live_nodes(ray)
-        idle = [actor_cls.remote(actor_cfg, mid) for _ in range(n_actors)]
-        # each actor's node, asked once (it answers before its first shard), so a failure can name it
-        where = {a: a.node.remote() for a in idle}
-        todo, running, results = list(jobs), {}, []
-        failure = None
-        while todo or running:
-            while idle and todo:
-                actor, job = idle.pop(), todo.pop(0)
-                running[actor.run.remote(job)] = (actor, job)
-            if not running:
-                break  # every actor has died
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            actor, job = running.pop(ref)
-            try:
-                res = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                if not is_system_failure(e):
-                    raise
-                try:
-                    on_node = ray.get(where[actor], timeout=0)
-                except Exception:  # noqa: BLE001 - it died before it answered: the message says less
-                    on_node = None
-                failure = machine_failure(ray, e, f"embedding shard {job.shard.index}", nodes, on_node)
-                todo.insert(0, job)
-                if idle or running:
-                    click.echo(f"embed: the actor embedding shard {job.shard.index} died: "
-                               f"{describe(ray, e, nodes, on_node)}; the shard goes to another actor "
-                               f"({len(idle) + len(running)} left)", err=True)
-                continue
-            results.extend(res)
-            idle.append(actor)
+        n_actors = min(cfg.workers, len(jobs))
+
+        def lost(job, what: str, left: int) -> None:
+            click.echo(f"embed: the actor embedding shard {job.shard.index} died: {what}; the shard goes to "
+                       f"another actor ({left} left)", err=True)
+
+        def lost_all(left: list, failure: MachineFailure) -> MachineFailure:
+            return MachineFailure(f"every embed actor ({n_actors}) died; shard(s) {sorted(j.shard.index for j in left)} "
+                                  f"are not embedded. Last failure: {failure.message}")
+
+        results = []
+        for _, r in actor_map(_EmbedActor, (actor_cfg, mid), jobs, workers=cfg.workers, resources=res,
+                              label=lambda j: f"embedding shard {j.shard.index}", on_lost=lost, lost_all=lost_all):
+            results.extend(r)
             if progress is not None:
-                progress.update(sum(r["rows"] for r in res))
-        if todo:
-            from curate.core.errors import MachineFailure
-
-            left = sorted(j.shard.index for j in todo)
-            raise MachineFailure(f"every embed actor ({n_actors}) died; shard(s) {left} are not embedded. "
-                                 f"Last failure: {failure.message}")
+                progress.update(sum(x["rows"] for x in r))
         return results
-    finally:
-        if started:
-            ray.shutdown()
 
 
-class _EmbedActor:
+class _EmbedActor(RayActor):
     """A Ray actor: loads the model once in its constructor, then embeds the shards it is handed."""
 
     def __init__(self, cfg: EmbedConfig, mid: str):
@@ -579,12 +511,6 @@ class _EmbedActor:
 
     def run(self, job: ShardJob) -> list[dict]:
         return self.embedder.run([job])
-
-    def node(self) -> str:
-        """The id of the Ray node this actor runs on (for messages when it dies)."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,9 +540,10 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     from curate.core.atomic import cleanup_temp_files
 
     t0 = time.time()
-    pool = check_pool(cfg.pool)
+    source = Pool.open(cfg.pool)  # a CurateError naming what is missing when it is not a pool
+    pool = source.path
     mid = validate_model_args(cfg.model, cfg.pretrained)
-    shards = list_shards(pool)
+    shards = source.shards()
     if cfg.shards is not None:
         wanted = set(cfg.shards)
         missing = wanted - {s.index for s in shards}
@@ -627,14 +554,13 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     if out_dir.exists():
         cleanup_temp_files(out_dir)  # leftovers of a killed run
     pending = [s for s in shards if not is_up_to_date(output_path(pool, mid, s), mid, s)]
-    summary: dict[str, Any] = {
-        "model_id": mid, "out_dir": str(out_dir), "shards": len(shards), "skipped": len(shards) - len(pending),
-        "written": 0, "rows": 0, "embedded": 0, "errors": 0,
-    }
+    counts = {"shards": len(shards), "skipped": len(shards) - len(pending), "written": 0, "rows": 0, "embedded": 0,
+              "errors": 0}
+    summary = StageSummary("embed", not pending, 0.0, counts=counts, outputs={"out_dir": str(out_dir)},
+                           fields={"model_id": mid})
     if not pending:
-        summary["up_to_date"] = True
-        summary["seconds"] = round(time.time() - t0, 3)
-        return summary
+        summary.seconds = time.time() - t0
+        return summary.as_dict()
     jobs = load_jobs(pending)
     total = sum(len(j.uids) for j in jobs)
     bar = tqdm(total=total, unit="img", desc=f"embed {mid}", disable=not cfg.progress or None, leave=False)
@@ -646,14 +572,13 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     finally:
         bar.close()
     for r in results:
-        summary["written"] += 1
-        summary["rows"] += r["rows"]
-        summary["embedded"] += r["embedded"]
-        summary["errors"] += r["errors"]
-    summary["up_to_date"] = False
-    summary["seconds"] = round(time.time() - t0, 3)
-    summary["images_per_s"] = round(summary["rows"] / max(summary["seconds"], 1e-9), 2)
-    return summary
+        counts["written"] += 1
+        counts["rows"] += r["rows"]
+        counts["embedded"] += r["embedded"]
+        counts["errors"] += r["errors"]
+    summary.seconds = round(time.time() - t0, 3)
+    summary.fields["images_per_s"] = round(counts["rows"] / max(summary.seconds, 1e-9), 2)
+    return summary.as_dict()
 
 
 @click.command("embed")

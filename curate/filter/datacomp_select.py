@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 from curate.core.atomic import TEMP_PREFIX, atomic_path, write_json
-from curate.pool.datacomp import file_fingerprint, read_descriptor
+from curate.pool.datacomp import file_fingerprint
 from curate.core.errors import CurateError
 
 BATCH_ROWS = 16_384  # rows decoded at a time: larger batches only grow the per-thread temporaries
@@ -241,7 +241,8 @@ class SelectConfig:
     out: str  # uids.npy to write
 
 
-def _score_recipe(recipe_path: str, pool: Path):
+def _score_recipe(recipe_path: str, pool):
+    """(recipe, its clip_score step, the DataComp score column it cuts on); `pool` is a DataComp `Pool`."""
     from curate.filter.recipe import load_recipe, resolve_models
 
     recipe = load_recipe(recipe_path)
@@ -251,7 +252,7 @@ def _score_recipe(recipe_path: str, pool: Path):
                           f"CLIP-score baselines); this one has {[s.name for s in steps]}: use `curate filter`")
     resolve_models(recipe, pool)
     step = steps[0]
-    desc = read_descriptor(pool)
+    desc = pool.descriptor
     if step.model_id not in desc["models"]:
         raise CurateError(f"{recipe_path}: model {step.model_id} is not one of DataComp's ({sorted(desc['models'])})")
     return recipe, step, desc["models"][step.model_id]["score_column"]
@@ -314,9 +315,15 @@ def select_uids(cfg: SelectConfig) -> dict[str, Any]:
 
 
 def _select_uids(cfg: SelectConfig) -> dict[str, Any]:
-    pool, out = Path(cfg.pool), Path(cfg.out)
-    recipe, step, col = _score_recipe(cfg.recipe, pool)
-    files = sorted((pool / "metadata").glob("*.parquet"))
+    from curate.pool.pool import Pool
+
+    source = Pool.open(cfg.pool)  # a CurateError naming what is missing when it is not a pool
+    if not source.is_datacomp:
+        raise CurateError(f"{cfg.pool}: not a DataComp pool (`curate pool import-datacomp`); select-datacomp reads "
+                          f"DataComp's released metadata in place: use `curate filter` for this pool")
+    pool, out = source.path, Path(cfg.out)
+    recipe, step, col = _score_recipe(cfg.recipe, source)
+    files = source.metadata_files
     key = {"recipe": recipe.hash(), "model_id": step.model_id,
            "inputs": [[f.name, file_fingerprint(f.resolve())] for f in files]}
     side = out.with_name(out.name + ".json")

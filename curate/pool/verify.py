@@ -8,8 +8,8 @@ The invariant (issue 3), also checked at the end of every `curate download`:
 4. the shard table `shards/sizes.json` (curate.pool.shard_table), when present, lists exactly the shards
    that have metadata, each with its count of `success` rows. A pool without it only gets a warning.
 
-Tars are read with the standard library's tarfile, member by member: only the small .json members are
-read into memory, and member names are checked (no paths), never used as file names.
+Tars are read with the pool's one reader (curate.pool.io.iter_members), headers only but for the small
+.json members, and member names are checked (no paths), never used as file names.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 import sys
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,14 @@ import click
 import pyarrow.parquet as pq
 
 from curate.core.errors import CurateError
+from curate.pool.io import MAX_MEMBER_BYTES, iter_members
 from curate.pool.shard_table import SIZES_FILE, read_shard_table, shard_file_name
 
 _MEMBER_RE = re.compile(r"^([0-9]+)\.([a-z0-9.]+)$")
 REQUIRED_EXTS = ("jpg", "txt", "json")
-# The downloader stores the caption in each sample's json, so the cap follows the per-member cap every
-# pool reader applies (pool_io.MAX_MEMBER_BYTES), not a smaller one: a 1 MB caption must still verify.
-MAX_JSON_BYTES = 64 << 20
+# The downloader stores the caption in each sample's json, so the cap is the per-member cap of the pool's
+# reader (curate.pool.io.MAX_MEMBER_BYTES), not a smaller one: a 1 MB caption must still verify.
+MAX_JSON_BYTES = MAX_MEMBER_BYTES
 SHOW = 5  # examples listed per problem
 
 
@@ -118,27 +118,29 @@ def uid_digest(uids) -> str:
 
 
 def _scan_tar(path: Path, report: VerifyReport, shard: int) -> dict[str, dict]:
-    """key -> {"exts": set, "uid": uid in its json or None}; unsafe or foreign members become problems."""
+    """key -> {"exts": set, "uid": uid in its json or None}; unsafe or foreign members become problems.
+
+    Through the pool's one reader (curate.pool.io.iter_members) with only the json members read: images
+    are passed by seeking, so verifying a pool costs its tar headers and captions, not its image bytes."""
     samples: dict[str, dict] = {}
-    try:
-        with tarfile.open(path) as tf:
-            for m in tf:
-                match = _MEMBER_RE.match(m.name)
-                if not m.isfile() or match is None:
-                    report.problems.append(f"shard {shard:08d}: unexpected tar member {m.name!r}")
-                    continue
-                key, ext = match.groups()
-                s = samples.setdefault(key, {"exts": set(), "uid": None})
-                s["exts"].add(ext)
-                if ext == "json":
-                    if m.size > MAX_JSON_BYTES:
-                        report.problems.append(f"shard {shard:08d}: {m.name} is {m.size} bytes, too large for sample json")
-                        continue
-                    try:
-                        s["uid"] = json.loads(tf.extractfile(m).read()).get("uid")
-                    except (ValueError, AttributeError):
-                        report.problems.append(f"shard {shard:08d}: {m.name} is not valid json")
-    except (tarfile.TarError, OSError) as e:
+    errors: list[str] = []
+    for m in iter_members(path, read={"json"}, errors=errors, max_member_bytes=MAX_JSON_BYTES):
+        match = _MEMBER_RE.match(m.name)
+        if m.is_dir or match is None or (m.problem and "is not a regular file" in m.problem):
+            report.problems.append(f"shard {shard:08d}: unexpected tar member {m.name!r}")
+            continue
+        key, ext = match.groups()
+        s = samples.setdefault(key, {"exts": set(), "uid": None})
+        s["exts"].add(ext)
+        if ext == "json":
+            if m.data is None:  # over the cap (the reader refused to read it)
+                report.problems.append(f"shard {shard:08d}: {m.name} is {m.size} bytes, too large for sample json")
+                continue
+            try:
+                s["uid"] = json.loads(m.data).get("uid")
+            except (ValueError, AttributeError):
+                report.problems.append(f"shard {shard:08d}: {m.name} is not valid json")
+    for e in errors:
         report.problems.append(f"shard {shard:08d}: tar {path.name} cannot be read: {e}")
     return samples
 

@@ -15,16 +15,15 @@ script, and why:
 * Subset uids absent from the pool are reported (`missing_uids.parquet`) and every subset row is
   accounted for in `meta.json`: written + missing + errors == rows of uids.npy.
 
-Pool metadata is read with curate.pool.io. The tars are read here with the standard library's
-`tarfile` in seekable mode rather than with `pool_io.iter_samples` (streaming, reads every byte):
-members of samples that are not in the subset are skipped without reading their bytes, which is
-most of the cost saved when a recipe keeps a small fraction of the pool. Member names are never used
-as output paths (output names are built from validated uids).
+Pool metadata and tars are read with curate.pool.io, the tars with `iter_samples(tar, keys=...)`: members
+of samples that are not in the subset are passed by seeking without reading their bytes, which is most
+of the cost saved when a recipe keeps a small fraction of the pool; the reader's name checks and member
+cap apply (a refused sample is an error row). Member names are never used as output paths (output names
+are built from validated uids).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -32,9 +31,7 @@ import os
 import re
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import click
@@ -43,13 +40,15 @@ import numpy as np
 from curate.core.version import __version__
 from curate.core import uids as uidlib
 from curate.core.hashing import sha256_file
-from curate.core.atomic import atomic_path, cleanup_temp_files, write_json, write_parquet
+from curate.core.atomic import atomic_path, cleanup_temp_files, write_parquet
 from curate.core.errors import CurateError
+from curate.core.stage import Marker, StageSummary
+from curate.core.stage import fingerprint as stage_fingerprint
+from curate.pool.io import Sample, iter_samples
 from curate.pool.shard_table import write_shard_table
 
 log = logging.getLogger(__name__)
 
-MAX_MEMBER_BYTES = 64 << 20  # a single file inside a pool shard larger than this is refused
 _EXT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _TAR_MTIME = 0  # fixed mtime: the same inputs give byte-identical shards
 
@@ -61,9 +60,10 @@ class ReshardConfig:
     subset: Path
     pool: Path | None = None
     shard_size: int = 10_000
-    workers: int = 0  # 0: one per CPU core
+    workers: int = 0  # shards written at once (processes, or Ray tasks in flight); 0: one per CPU core
     out: Path | None = None  # default SUBSET/shards
     progress: bool = True
+    ray_address: str | None = None  # run the shard tasks on this Ray cluster ("local": start one here)
 
     def __post_init__(self) -> None:
         self.subset = Path(self.subset)
@@ -103,9 +103,9 @@ def _resolve_pool(cfg: ReshardConfig) -> Path:
         pool = Path(pool_s)
         if not pool.is_absolute():
             pool = (cfg.subset / pool_s) if (cfg.subset / pool_s).exists() else pool
-    from curate.pool.io import check_pool
+    from curate.pool.pool import Pool
 
-    return check_pool(pool)
+    return Pool.open(pool).path
 
 
 def _file_sig(p: Path) -> str:
@@ -211,14 +211,11 @@ def make_plan(cfg: ReshardConfig, pool: Path) -> _Plan:
         for ok in outs:
             items.append((shard_col[i], key_col[i], ok, u))
 
-    h = hashlib.sha256()
-    h.update(sha256_file(uids_path).encode())
-    if (cfg.subset / "subset.parquet").exists():
-        h.update(sha256_file(cfg.subset / "subset.parquet").encode())
-    for f in meta_files:
-        h.update(_file_sig(f).encode())
-    h.update(f"shard_size={cfg.shard_size};v={__version__}".encode())
-    fingerprint = h.hexdigest()[:16]
+    fingerprint = stage_fingerprint(
+        sha256_file(uids_path),
+        *([sha256_file(cfg.subset / "subset.parquet")] if (cfg.subset / "subset.parquet").exists() else []),
+        *(_file_sig(f) for f in meta_files),
+        f"shard_size={cfg.shard_size};v={__version__}")
 
     tasks = []
     for start in range(0, len(items), cfg.shard_size):
@@ -244,24 +241,17 @@ def _add(tw: tarfile.TarFile, name: str, data: bytes) -> None:
     tw.addfile(ti, io.BytesIO(data))
 
 
-def _emit(tw, members: dict[str, bytes], wanted: list[list], errors: list, where: dict) -> int:
+def _emit(tw, sample: Sample, wanted: list[list], errors: list, where: dict) -> int:
     """Write one pool sample under each of its planned output keys; return samples written."""
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-            if not isinstance(meta, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
-            errors.append({**where, "reason": f"bad json: {e}"})
-            return 0
     uid = wanted[0][1]
+    meta = sample.meta
     if meta.get("uid", uid) != uid:
         errors.append({**where, "reason": f"json uid {meta.get('uid')!r} differs from metadata uid {uid}"})
         return 0
-    if not any(ext in members for ext in ("jpg", "jpeg", "png", "webp")):
+    if sample.image is None:
         errors.append({**where, "reason": "no image member"})
         return 0
+    members = {ext: data for ext, data in sample.members.items() if _EXT_RE.match(ext)}
     n = 0
     for out_key, u, text_aug in wanted:
         m = dict(meta, uid=u, key=out_key, pool_key=where["key"], pool_shard=Path(where["shard"]).name)
@@ -281,49 +271,23 @@ def _emit(tw, members: dict[str, bytes], wanted: list[list], errors: list, where
 
 
 def _read_wanted(tar_path: str, wanted: dict[str, list[list]], tw, errors: list) -> tuple[int, set]:
-    """Stream one pool tar, copying the wanted samples. Members of a sample are contiguous."""
+    """Copy the wanted samples of one pool tar through the pool's reader, which seeks past the others."""
     written, seen = 0, set()
-    try:
-        tf = tarfile.open(tar_path, mode="r:")
-    except (OSError, tarfile.TarError) as e:
-        for key, w in wanted.items():
-            errors.append({"shard": tar_path, "key": key, "uid": w[0][1], "copies": len(w),
-                           "reason": f"cannot open shard: {e}"})
-        return 0, set(wanted)
-    cur_key: str | None = None
-    cur: dict[str, bytes] = {}
-
-    def flush():
-        nonlocal written
-        if cur_key is not None and cur_key in wanted and cur_key not in seen:
-            seen.add(cur_key)
-            where = {"shard": tar_path, "key": cur_key, "uid": wanted[cur_key][0][1],
-                     "copies": len(wanted[cur_key])}
-            written += _emit(tw, cur, wanted[cur_key], errors, where)
-
-    with tf:
-        try:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                key, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                if key != cur_key:
-                    flush()
-                    cur_key, cur = key, {}
-                if key not in wanted or key in seen:
-                    continue  # not in the subset: skip without reading the bytes
-                ext = ext.lower()
-                if not _EXT_RE.match(ext) or m.size > MAX_MEMBER_BYTES:
-                    continue
-                fh = tf.extractfile(m)
-                cur[ext] = fh.read() if fh else b""
-            flush()
-        except (OSError, tarfile.TarError, EOFError) as e:
-            errors.append({"shard": tar_path, "key": cur_key, "uid": None, "copies": 0,
-                           "reason": f"truncated or corrupt shard: {e}"})
+    tar_errors: list[str] = []
+    for s in iter_samples(tar_path, tar_errors, keys=wanted):
+        if s.key in seen:
+            continue  # a key listed twice in a tar: its first sample is the one the metadata row means
+        seen.add(s.key)
+        where = {"shard": tar_path, "key": s.key, "uid": wanted[s.key][0][1], "copies": len(wanted[s.key])}
+        if s.error:
+            errors.append({**where, "reason": s.error})
+            continue
+        written += _emit(tw, s, wanted[s.key], errors, where)
+    for e in tar_errors:  # a damaged tar: every wanted sample not read from it is an error row
+        reason = f"truncated or corrupt shard: {e}" if seen else f"cannot read shard: {e}"
+        for key in sorted(set(wanted) - seen):
+            errors.append({"shard": tar_path, "key": key, "uid": wanted[key][0][1], "copies": len(wanted[key]),
+                           "reason": reason})
     return written, seen
 
 
@@ -355,7 +319,7 @@ def run_task(task: dict, out_dir: str, fingerprint: str) -> dict:
         "errors": errors,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json(Path(out_dir) / f"{task['index']:08d}.stats.json", stats)
+    Marker(Path(out_dir) / f"{task['index']:08d}.stats.json").write(stats)  # the shard's completion marker
     return stats
 
 
@@ -364,15 +328,10 @@ def run_task(task: dict, out_dir: str, fingerprint: str) -> dict:
 
 
 def _done_stats(out: Path, index: int, fingerprint: str) -> dict | None:
-    p = out / f"{index:08d}.stats.json"
-    tar = out / f"{index:08d}.tar"
-    if not (p.exists() and tar.exists()):
+    """The stats of output shard `index` when it is done for these inputs (its stats file is the marker)."""
+    if not (out / f"{index:08d}.tar").exists():
         return None
-    try:
-        st = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-    return st if st.get("fingerprint") == fingerprint else None
+    return Marker(out / f"{index:08d}.stats.json").matching(fingerprint)
 
 
 def reshard(cfg: ReshardConfig) -> dict:
@@ -380,18 +339,16 @@ def reshard(cfg: ReshardConfig) -> dict:
     from tqdm import tqdm
 
     pool = _resolve_pool(cfg)
-    plan = make_plan(cfg, pool)
     out = cfg.out
+    if cfg.ray_address:  # a Ray worker's working folder is not ours: its tasks get absolute paths
+        pool, out = pool.resolve(), out.resolve()
+    plan = make_plan(cfg, pool)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") == plan.fingerprint and all((out / s["name"]).exists() for s in old.get("shards", [])):
-            log.info("reshard: %s already up to date", out)
-            return {**old, "up_to_date": True}
+    old = Marker(meta_path).matching(plan.fingerprint)
+    if old is not None and all((out / s["name"]).exists() for s in old.get("shards", [])):
+        log.info("reshard: %s already up to date", out)
+        return StageSummary("reshard", True, old.get("seconds", 0.0), fields=old).as_dict()
     cleanup_temp_files(out)
     # drop shards of an older plan (different inputs or shard size) so no stale file remains
     keep = {f"{t['index']:08d}" for t in plan.tasks}
@@ -410,23 +367,21 @@ def reshard(cfg: ReshardConfig) -> dict:
         else:
             todo.append(t)
     resumed = len(results)
-    workers = cfg.workers or (os.cpu_count() or 1)
-    workers = max(1, min(workers, len(todo))) if todo else 1
+    from curate.core.parallel import Backend, pmap
+
+    if cfg.ray_address:
+        backend = Backend.choose(cfg.workers, cfg.ray_address)
+    else:
+        workers = cfg.workers or (os.cpu_count() or 1)
+        backend = Backend.choose(max(1, min(workers, len(todo))) if todo else 1)
     bar = tqdm(total=len(plan.tasks), initial=resumed, unit="shard", desc="reshard",
                disable=not cfg.progress or None)
     t0 = time.perf_counter()
-    if workers == 1:
-        for t in todo:
-            results[t["index"]] = run_task(t, str(out), plan.fingerprint)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
-            futs = {ex.submit(run_task, t, str(out), plan.fingerprint): t["index"] for t in todo}
-            from concurrent.futures import as_completed
-
-            for f in as_completed(futs):
-                results[futs[f]] = f.result()
-                bar.update()
+    # one task per output shard, in any order: each writes its own files (the stats file last)
+    for t, st in pmap(run_task, todo, backend=backend, args=(str(out), plan.fingerprint), ordered=False,
+                      label=lambda t: f"reshard of output shard {t['index']}"):
+        results[t["index"]] = st
+        bar.update()
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -463,8 +418,8 @@ def reshard(cfg: ReshardConfig) -> dict:
     }
     # the shard table open_clip_train and DataComp's resharder read for the dataset size, as the pool's is written
     write_shard_table(out, {s["name"]: s["n_samples"] for s in shards})
-    write_json(meta_path, summary)
-    return summary
+    Marker(meta_path).write(summary)  # meta.json, written last: the whole stage's completion marker
+    return StageSummary("reshard", False, seconds, fields=summary).as_dict()
 
 
 @click.command("reshard")
@@ -473,10 +428,16 @@ def reshard(cfg: ReshardConfig) -> dict:
 @click.option("--pool", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="POOL folder (shards/ + metadata/). Default: the pool named in SUBSET/manifest.json.")
 @click.option("--shard-size", default=10_000, show_default=True, help="Samples per output shard (the last is smaller).")
-@click.option("--workers", default=0, show_default=True, help="Worker processes; 0 = one per CPU core.")
+@click.option("--workers", default=0, show_default=True,
+              help="Output shards written at once: worker processes, or Ray tasks in flight with --ray-address "
+                   "(0 = one per CPU core here, the cluster's CPUs on Ray).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder. Default: SUBSET/shards.")
-def reshard_cmd(subset: Path, pool: Path | None, shard_size: int, workers: int, out: Path | None) -> None:
+@click.option("--ray-address", default=None,
+              help="Write the shards with Ray tasks on this cluster (e.g. 'auto', 'HOST:PORT'; 'local' starts one "
+                   "here). The pool and SUBSET folders must be readable at the same paths on every node.")
+def reshard_cmd(subset: Path, pool: Path | None, shard_size: int, workers: int, out: Path | None,
+                ray_address: str | None) -> None:
     """Copy the subset's samples from the pool into balanced webdataset shards.
 
     Duplicated uids in uids.npy are upsampled (keys {uid}-0, {uid}-1, ...). The caption is
@@ -484,7 +445,8 @@ def reshard_cmd(subset: Path, pool: Path | None, shard_size: int, workers: int, 
     shards/missing_uids.parquet; shards/meta.json reconciles every uids.npy row. Re-running with the
     same inputs does nothing; a killed run resumes with the shards it had not finished.
     """
-    s = reshard(ReshardConfig(subset=subset, pool=pool, shard_size=shard_size, workers=workers, out=out))
+    s = reshard(ReshardConfig(subset=subset, pool=pool, shard_size=shard_size, workers=workers, out=out,
+                              ray_address=ray_address))
     if s.get("up_to_date"):
         click.echo(f"reshard: {s['n_written']} samples in {s['n_shards']} shards already up to date, nothing to do")
         return

@@ -138,8 +138,7 @@ def train_and_evaluate(subset: Path, run: Path, scale: str, seed: int, tasks: li
 def _evaluate(cfg) -> dict:
     from benchmark.evaluate import evaluate
 
-    s = evaluate(cfg)
-    s["up_to_date"] = not s.get("computed")
+    s = evaluate(cfg)  # a stage summary (curate.core.stage): it says itself whether it was up to date
     if not s.get("results"):
         raise CurateError(f"no evaluation task could be scored from {s.get('evalsets')} ({len(s.get('missing', {}))} "
                           "missing); build the offline suite with `curate evalsets build-offline --pool-dir POOLBUILD`")
@@ -164,6 +163,9 @@ def run_recipe(cfg: RunConfig, log: StageLog | None = None) -> dict:
     pool = Path(cfg.pool) if cfg.pool else (Path(recipe.pool) if recipe.pool else None)
     if pool is None:
         raise CurateError(f"{cfg.recipe}: no pool given: pass --pool POOL or set `pool:` in the recipe")
+    from curate.pool.pool import Pool
+
+    pool = Pool.open(pool).path  # validated before any stage starts: a CurateError naming what is missing
     name = cfg.name or recipe.name
     subset = cfg.work / "subsets" / recipe.name
     tasks = cfg.tasks or default_tasks(cfg.scale)
@@ -172,7 +174,8 @@ def run_recipe(cfg: RunConfig, log: StageLog | None = None) -> dict:
     log = log or StageLog(total=2 + 3 * len(cfg.seeds))
     log.run(f"filter {recipe.name}",
             lambda: filter_pool(FilterConfig(recipe=str(cfg.recipe), pool=str(pool), out=str(subset),
-                                             pretrained=cfg.pretrained, device=cfg.device, progress=cfg.progress)),
+                                             pretrained=cfg.pretrained, device=cfg.device, progress=cfg.progress),
+                                recipe),  # parsed once, above
             lambda s: f"{s.get('kept')} of {s.get('pool_rows')} rows kept")
     rs = log.run("reshard",
                  lambda: reshard(ReshardConfig(subset=subset, pool=pool, shard_size=cfg.shard_size,
@@ -197,9 +200,7 @@ def run_recipe(cfg: RunConfig, log: StageLog | None = None) -> dict:
 def _submit(run: Path, name: str, db: Path) -> dict:
     from benchmark.submit import SubmitConfig, submit
 
-    s = submit(SubmitConfig(run=run, name=name, leaderboard_db=db))
-    s["up_to_date"] = s.get("unchanged", False)
-    return s
+    return submit(SubmitConfig(run=run, name=name, leaderboard_db=db))
 
 
 def parse_seeds(text: str) -> list[int]:

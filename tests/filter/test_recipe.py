@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from curate.core.errors import CurateError
@@ -163,3 +165,91 @@ def test_yaml_1_1_boolean_words_are_keys_and_strings():
         parse_recipe("name: d\nsteps:\n  - basic: {english: yes}\n", "d.yaml")  # `yes` is a string now
     ok = parse_recipe("name: d\nsteps:\n  - basic: {english: false}\n", "d.yaml")
     assert ok.all_steps()[0].params.english is False
+
+
+def test_path_parameters_are_read_from_the_recipe_folder_and_checked_with_their_line(tmp_path, monkeypatch):
+    from curate.filter.recipe import check_paths
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    np.save(folder / "t.npy", np.eye(4, dtype=np.float32))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # not where the recipe is: the rule ignores the working directory
+    body = """\
+        name: x
+        steps:
+          - image_based:
+              model: curate-debug
+              target: t.npy
+          - union:
+              - [basic: {}]
+              - - decontaminate:
+                    evalsets: evals/missing
+        """
+    p = folder / "r.yaml"
+    p.write_text(textwrap.dedent(body))
+    r = load_recipe(p)
+    ib, _, dec = r.all_steps()
+    assert ib.paths == {"target": str(folder / "t.npy")} and ib.param_lines["target"] == 5
+    with pytest.raises(CurateError) as e:
+        check_paths(r)
+    assert e.value.message.startswith(f"{p}:9: steps 1.1.0.decontaminate: evalsets: evals/missing: no such file")
+    assert str(folder / "evals" / "missing") in e.value.message
+    (folder / "evals" / "missing").mkdir(parents=True)
+    check_paths(r)  # every path exists now
+    with pytest.raises(CurateError, match=r"r.yaml:3: steps 0.text_based: synsets_file: empty path"):
+        check_paths(load_recipe(_write(tmp_path, "name: x\nsteps:\n  - text_based: {synsets_file: '  '}\n")))
+
+
+def test_a_missing_path_parameter_stops_the_filter_stage_before_any_work(tmp_path):
+    from curate.filter.engine import FilterConfig, filter_pool
+
+    pool = tmp_path / "pool"
+    write_metadata(pool, n_rows=20)
+    write_embeddings(pool, "curate-debug__aaaaaaaaaaaa", dim=8)
+    p = _write(tmp_path, "name: x\nsteps:\n  - basic: {}\n  - image_based: {target: targets/none.npy}\n")
+    with pytest.raises(CurateError, match=r"r.yaml:4: steps 1.image_based: target: targets/none.npy: no such file"):
+        filter_pool(FilterConfig(recipe=str(p), pool=str(pool), out=str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedding_params_are_validated_with_their_line(tmp_path):
+    msg = _err(tmp_path, "name: x\nsteps:\n  - dedup:\n      on: image\n      model: ''\n")
+    assert ":5: steps[0].dedup.model: expected a name without surrounding spaces" in msg
+    msg = _err(tmp_path, "name: x\nsteps:\n  - clip_score: {pretrained: ' x', threshold: 0.2}\n")
+    assert ":3: steps[0].clip_score.pretrained: expected a name" in msg
+
+
+def test_each_steps_model_is_resolved_once_per_run_and_used_from_the_step(tmp_path, monkeypatch):
+    import curate.filter.engine as engine
+    import curate.filter.recipe as recipe_mod
+    from curate.filter.engine import FilterConfig, filter_pool
+
+    pool = tmp_path / "pool"
+    write_metadata(pool, n_rows=60)
+    write_embeddings(pool, "curate-debug__aaaaaaaaaaaa", dim=8)
+    calls: list[str] = []
+    real = recipe_mod.resolve_step_model
+
+    def counted(step, *a):
+        calls.append(step.id)
+        # marked weights: the engine's image embedder must show them, i.e. take the model from the step
+        return dataclasses.replace(real(step, *a), weights=f"w-{step.id}")
+
+    monkeypatch.setattr(recipe_mod, "resolve_step_model", counted)
+    contexts: list[dict] = []
+    real_ctx = engine.step_context
+    monkeypatch.setattr(engine, "step_context", lambda *a: contexts.append(real_ctx(*a)) or contexts[-1])
+    p = _write(tmp_path, """\
+        name: x
+        steps:
+          - basic: {english: false}
+          - clip_score: {model: curate-debug, keep_top_fraction: 0.5}
+          - dedup: {on: image, threshold: 0.99}
+        """)
+    s = filter_pool(FilterConfig(recipe=str(p), pool=str(pool), out=str(tmp_path / "out"), progress=False))
+    assert calls == ["1.clip_score", "2.dedup"]  # once per step that reads embeddings, none for basic
+    assert s["kept"] > 0
+    embedders = [c["embed_image_paths"] for c in contexts if "embed_image_paths" in c]
+    assert [(e.arch, e.pretrained) for e in embedders] == [("curate-debug", "w-1.clip_score"),
+                                                            ("curate-debug", "w-2.dedup")]

@@ -312,44 +312,6 @@ def test_cli_download_help_and_bad_input(tmp_path):
 # a two-node Ray cluster started by the test
 
 
-def _ray_cli() -> str:
-    return str(Path(sys.executable).parent / "ray")
-
-
-def _kill_cluster(markers: list[str]) -> None:
-    """Stop only this test's Ray processes: those whose command line names our temp dir or port, and their
-    descendants (`ray stop` would stop every Ray cluster on the machine, other users' too)."""
-    def cmdline(pid: int) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def parent(pid: int) -> int | None:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("PPid:"):
-                    return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
-    ours = {p for p in pids if any(m in cmdline(p) for m in markers)}
-    grew = True
-    while grew:
-        new = {p for p in pids if p not in ours and parent(p) in ours}
-        ours |= new
-        grew = bool(new)
-    for sig, pause in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
-        for p in ours:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
-        time.sleep(pause)
-
-
 @pytest.mark.slow
 def test_two_node_ray_cluster_produces_the_same_pool(tmp_path, serve_dir):
     make_www(tmp_path)
@@ -357,27 +319,16 @@ def test_two_node_ray_cluster_produces_the_same_pool(tmp_path, serve_dir):
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": [f"{base}/img{i}.png" for i in range(N_IMAGES)] + [f"{base}/nope.png"],
                              "text": [f"t{i}" for i in range(N_IMAGES + 1)]}), urls)
-    port = free_port()
-    temp_dir = f"/tmp/ray_curate_{os.getpid()}_{port}"
-    # a throwaway loopback cluster: no token auth (Ray 2.60 would otherwise enable it on the head only)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    try:
-        subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                        f"--temp-dir={temp_dir}",
-                        f"--ray-client-server-port={free_port()}", *common], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([_ray_cli(), "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
-                       capture_output=True, timeout=120)
+    from tests.ray_factory import local_cluster
+
+    with local_cluster(nodes=2) as c:  # a head and a second node, one CPU each, on 127.0.0.1
         r = subprocess.run([sys.executable, "-m", "curate.cli", "download", "--urls", str(urls), "--out",
-                            str(tmp_path / "ray_pool"), "--ray-address", f"127.0.0.1:{port}", "--shard-size", "4",
+                            str(tmp_path / "ray_pool"), "--ray-address", c.address, "--shard-size", "4",
                             "--image-size", "32", "--threads", "8", "--timeout", "5", "--allow-loopback"],
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=c.env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         info = json.loads((tmp_path / "ray_pool" / "pool.json").read_text())
-        assert info["runs"][-1]["run_settings"]["ray_address"] == f"127.0.0.1:{port}"
-    finally:
-        _kill_cluster([temp_dir, f":{port}"])
+        assert info["runs"][-1]["run_settings"]["ray_address"] == c.address
     reference = download(cfg(urls, tmp_path / "ref", shard_size=4, threads=8, timeout=5.0))
     assert reference["counts"] == {"success": N_IMAGES, "failed_to_download": 1}
     meta_a, tar_a = read_pool(tmp_path / "ray_pool")

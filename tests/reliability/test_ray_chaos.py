@@ -22,7 +22,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.reliability.helpers import sorted_table, temp_files
+from tests.ray_factory import alive as _alive
+from tests.ray_factory import cmdline as _cmdline
+from tests.ray_factory import descendants as _descendants
+from tests.ray_factory import free_port as _free_port
+from tests.ray_factory import kill_own as _kill_own
+from tests.ray_factory import node_flags as _node_flags
+from tests.ray_factory import parents as _parents
+from tests.ray_factory import ray_start as _ray
 
 pytest.importorskip("ray")
 
@@ -50,53 +57,6 @@ N_ROWS, SHARD_SIZE = 16, 4  # 4 download shards
 
 # ------------------------------------------------------------------------------------------------
 # the cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Processes are read from /proc (psutil is not a dependency of the project; these tests are Linux-only, like Ray's
-# multi-node support on one machine).
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
-
-
-def _parents() -> dict[int, int]:
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            out[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return out
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    parents = _parents()
-    found, grew = set(), True
-    while grew:
-        new = {p for p, pp in parents.items() if (pp in roots or pp in found) and p not in found}
-        found |= new
-        grew = bool(new)
-    return found
 
 
 def _kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout: float = 60) -> None:
@@ -209,35 +169,6 @@ class Cluster:
         while pid in parents and pid not in raylets:
             pid = parents[pid]
         return pid if pid in raylets else None
-
-
-def _ray(cluster_env: dict, *args: str) -> None:
-    r = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args], env=cluster_env,
-                       capture_output=True, text=True, timeout=WAIT)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-
-
-def _node_flags() -> list[str]:
-    # every port of ours is free and chosen here, so a concurrent Ray test on the machine cannot collide
-    return ["--num-cpus", "1", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
-
-
-def _kill_own(markers: list[str]) -> None:
-    """Stop only this module's Ray processes: command lines naming our temp dir or GCS address, and their
-    descendants (`ray stop` would stop every Ray cluster on the machine, other engineers' too)."""
-    ours = {p for p in _parents() if p != os.getpid() and any(m in _cmdline(p) for m in markers)}
-    ours |= _descendants(ours)
-    for sig, pause in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-        for p in ours:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + pause
-        while time.monotonic() < deadline and any(_alive(p) for p in ours):
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

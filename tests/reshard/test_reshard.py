@@ -162,3 +162,30 @@ def test_pool_with_no_successful_rows_reshards_to_nothing_and_reconciles(tmp_pat
     tars = sorted((subset / "shards").glob("*.tar"))
     assert not tars or _read_shards(subset / "shards") == []
     assert sum(json.loads((subset / "shards" / "sizes.json").read_text()).values()) == 0
+
+
+@pytest.mark.slow
+def test_reshard_on_a_two_node_ray_cluster_gives_the_same_shards_as_a_local_run(pool_and_subset, tmp_path):
+    # `curate reshard --ray-address` on a head and a second node (one CPU each, both on 127.0.0.1): the output
+    # shards are one Ray task each, spread over both nodes, and byte-identical to a local run's
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    from tests.ray_factory import WAIT, local_cluster
+
+    fp, subset, _ = pool_and_subset
+    local = reshard(ReshardConfig(subset=subset, pool=fp.pool, shard_size=4, workers=1, out=tmp_path / "local",
+                                  progress=False))
+    with local_cluster(nodes=2) as c:
+        assert len(c.raylets()) == 2
+        r = subprocess.run([sys.executable, "-m", "curate.cli", "reshard", "--subset", str(subset), "--pool",
+                            str(fp.pool), "--shard-size", "4", "--out", str(tmp_path / "ray"), "--ray-address",
+                            c.address], env=c.env, capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "wrote 19 samples in 5 shards" in r.stdout
+    tars = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob("*.tar"))}  # noqa: E731
+    assert len(tars(tmp_path / "ray")) == local["n_shards"] == 5
+    assert tars(tmp_path / "ray") == tars(tmp_path / "local")
+    meta = json.loads((tmp_path / "ray" / "meta.json").read_text())
+    assert meta["fingerprint"] == local["fingerprint"] and meta["shards"] == local["shards"] and meta["reconciles"]

@@ -34,10 +34,16 @@ def _recipe(path: Path, name: str, steps: str = "[]") -> Path:
     return path
 
 
-def test_run_debug_end_to_end_then_up_to_date(tmp_path, evalsets):
+def test_run_debug_end_to_end_then_up_to_date(tmp_path, evalsets, monkeypatch):
+    import curate.filter.recipe as recipe_mod
     from benchmark.leaderboard import standings
     from benchmark.submit import VerifyConfig, verify
     from curate.run.pipeline import RunConfig, StageLog, run_recipe
+
+    parsed: list[str] = []  # every parse of a recipe, by source (load_recipe goes through parse_recipe)
+    real_parse = recipe_mod.parse_recipe
+    monkeypatch.setattr(recipe_mod, "parse_recipe", lambda text, source="<recipe>": parsed.append(source)
+                        or real_parse(text, source))
 
     fp = make_pool(tmp_path / "pool", n_shards=2, per_shard=24, corrupt=1, failed=2)
     recipe = _recipe(tmp_path / "nf.yaml", "no_filter")
@@ -47,6 +53,7 @@ def test_run_debug_end_to_end_then_up_to_date(tmp_path, evalsets):
     lines: list[str] = []
     out = run_recipe(cfg, StageLog(total=5, echo=lines.append))
     assert [r["status"] for r in out["stages"]] == ["done"] * 5
+    assert parsed == [str(recipe)]  # the recipe is parsed once per run, not once per stage
     run = Path(out["runs"][0])
     assert (run / "eval_results.jsonl").is_file() and (run / "final.pt").is_file()
     # every successfully downloaded uid reaches the subset (no_filter), and the bundle verifies against the pool
@@ -66,6 +73,7 @@ def test_run_debug_end_to_end_then_up_to_date(tmp_path, evalsets):
     lines.clear()
     out2 = run_recipe(cfg, StageLog(total=5, echo=lines.append))
     assert [r["status"] for r in out2["stages"]] == ["up_to_date"] * 5, lines
+    assert parsed == [str(recipe)] * 2
     assert (run / "final.pt").stat().st_mtime_ns == mtime
     assert len(standings(db, "debug")) == 1
 

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import random
@@ -31,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from curate.core.parallel import Backend, pmap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -268,13 +267,13 @@ def _produce_images(plans: list[Planned], root: Path, cfg: OfflinePoolConfig) ->
 
         # Rendering is CPU-bound pure-Python+cairo work: processes, not threads. "spawn" because the
         # caller may have threads running (e.g. the test server) and signal-based limits need a main thread.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, cfg.workers), mp_context=ctx) as ex:
-            chunk = 8 if len(todo) < 20_000 else 64  # the large pool's 64 px icons take ~1 ms each
-            bar = tqdm(ex.map(run_render_job, todo, chunksize=chunk), total=len(todo), desc="render",
-                       unit="img", disable=not (cfg.progress and sys.stderr.isatty()))
-            for _status, secs, _reason in bar:
-                render_seconds.append(secs)
+        chunk = 8 if len(todo) < 20_000 else 64  # the large pool's 64 px icons take ~1 ms each
+        backend = Backend("process", max(1, cfg.workers), start_method="spawn")
+        bar = tqdm(pmap(run_render_job, todo, backend=backend, chunksize=chunk, depth=4,
+                        label=lambda j: f"render of {j.path}"),
+                   total=len(todo), desc="render", unit="img", disable=not (cfg.progress and sys.stderr.isatty()))
+        for _job, (_status, secs, _reason) in bar:
+            render_seconds.append(secs)
     wall = time.perf_counter() - t0
 
     for p, j in jobs:
@@ -707,9 +706,8 @@ def _drop_eval_copies(pool_plans: list[Planned], eval_plans: dict[str, list[Plan
     paths = [str(tmp / p.rel) for p in pool]
     chunks = [paths[i:i + 2000] for i in range(0, len(paths), 2000)]
     if len(chunks) > 1 and cfg.workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as ex:
-            parts = list(ex.map(dhash_files, chunks))
+        parts = [h for _, h in pmap(dhash_files, chunks, backend=Backend("process", cfg.workers),
+                                    label=lambda c: f"perceptual hashes of {len(c)} pool images")]
     else:
         parts = [dhash_files(c) for c in chunks]
     import numpy as np

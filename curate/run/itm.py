@@ -1,0 +1,204 @@
+"""An image-text matching (ITM) head on a frozen dual encoder, trained with hard negatives (BLIP CapFilt's filter).
+
+BLIP's filter (CapFilt) judges a pair with an ITM head on a *cross-attention fusion encoder*: the text encoder
+attends to the image patches, and a binary classifier on the fused [CLS] says match / no match; it is trained
+with hard negatives mined by the contrastive similarity. This is **not** that: it is a small MLP on the frozen,
+L2-normalised embeddings of the bootstrapped dual encoder (`curate train-scorer --variant bootstrap`), on the
+features ``[i, t, i*t, |i-t|]``. Why: a fusion encoder must run the text tower once per (image, caption) pair,
+both in training (every hard negative) and when scoring the pool, and re-encode on every epoch; on 2 CPU cores
+inside a 10-minute budget that leaves a few hundred steps of a model that has not learnt to fuse. The head on
+frozen embeddings trains in seconds on ~10k pairs and their negatives, and it can still learn what the cosine
+alone cannot: which dimensions matter for matching, and where the dual encoder's cosine is over-confident.
+
+Training pairs (only trusted rows outside the held-out fraction, see curate/run/scorer.py):
+  positives  every trusted pair (image i, its caption)
+  negatives  per trusted image, the `hard` most similar *non-matching* trusted captions by text cosine (the
+             caption of an image whose caption reads like this one) and the `hard` by image cosine (the caption
+             of the most similar other image), skipping captions identical to the image's own (a duplicate pair
+             is not a negative), plus `random` uniformly drawn trusted captions (the easy negatives a caption
+             swap makes; without them the head would only ever see near misses).
+Loss: binary cross-entropy, positives weighted so both classes count equally. The head then scores every pool
+row: ``itm_score`` = sigmoid(logit), the head's probability that the pair matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.core import atomic
+from curate.core.errors import CurateError
+
+SCORE_COLUMN = "itm_score"
+SCORES_FORMAT = "1"
+
+
+@dataclass
+class ItmConfig:
+    """Hyperparameters of the head (fixed defaults; part of the head's checkpoint)."""
+
+    hidden: int = 256
+    hard: int = 3  # hard negatives per image, per kind (text cosine, image cosine)
+    random: int = 2  # random negatives per image
+    epochs: int = 12
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def vectors(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """fixed_size_list<float16>[d] with nulls -> float32 (n, d), NaN rows for nulls."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = arr.type.list_size
+    values = arr.values.slice(arr.offset * d, len(arr) * d)
+    import pyarrow.compute as pc
+
+    out = pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), d)
+    if arr.null_count:
+        out[arr.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def load_embeddings(pool: Path, model_id: str) -> tuple[list[Path], list[np.ndarray], np.ndarray, np.ndarray]:
+    """(files, uids per file, image vectors, text vectors) of POOL/embeddings/<model_id>/, rows in file order."""
+    folder = Path(pool) / "embeddings" / model_id
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise CurateError(f"{folder}: no embeddings; run `curate embed` with this model first")
+    uids, img, txt = [], [], []
+    for f in files:
+        t = pq.read_table(f, columns=["uid", "image_emb", "text_emb"])
+        uids.append(np.asarray(t["uid"].to_pylist(), dtype=object))
+        img.append(vectors(t["image_emb"]))
+        txt.append(vectors(t["text_emb"]))
+    return files, uids, np.concatenate(img), np.concatenate(txt)
+
+
+def features(i, t):
+    """The head's input: [i, t, i*t, |i-t|] (torch tensors, L2-normalised rows)."""
+    import torch
+
+    return torch.cat([i, t, i * t, (i - t).abs()], dim=-1)
+
+
+def make_head(d: int, hidden: int):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(4 * d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+
+
+def mine_negatives(img: np.ndarray, txt: np.ndarray, text_ids: np.ndarray, cfg: ItmConfig) -> np.ndarray:
+    """(image row, caption row) index pairs of negatives among the training rows (see the module doc)."""
+    n = len(img)
+    rng = np.random.default_rng(cfg.seed)
+    pairs = []
+    k = min(cfg.hard, n - 1)
+    block = 1024
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        rows = np.arange(s, e)
+        same = text_ids[rows][:, None] == text_ids[None, :]  # includes the row itself
+        for sim in (txt[s:e] @ txt.T, img[s:e] @ img.T):
+            sim = np.where(same, -np.inf, sim)
+            if k > 0:
+                top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sim, axis=1)[:, :k]
+                ok = np.isfinite(np.take_along_axis(sim, top, axis=1))
+                r = np.repeat(rows[:, None], k, axis=1)
+                pairs.append(np.stack([r[ok], top[ok]], axis=1))
+    if cfg.random and n > 1:
+        r = np.repeat(np.arange(n), cfg.random)
+        c = rng.integers(0, n, len(r))
+        ok = text_ids[r] != text_ids[c]
+        pairs.append(np.stack([r[ok], c[ok]], axis=1))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+
+
+def train_head(img: np.ndarray, txt: np.ndarray, texts: list[str], cfg: ItmConfig, progress: bool = False) -> tuple:
+    """Train the head on aligned trusted rows (L2-normalised float32); return (state_dict, stats)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    _, text_ids = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    neg = mine_negatives(img, txt, text_ids, cfg)
+    n = len(img)
+    ii = np.concatenate([np.arange(n), neg[:, 0]])
+    tt = np.concatenate([np.arange(n), neg[:, 1]])
+    y = np.concatenate([np.ones(n, np.float32), np.zeros(len(neg), np.float32)])
+    head = make_head(img.shape[1], cfg.hidden)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pos_weight = torch.tensor(max(len(neg), 1) / max(n, 1))
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    I, T, Y = torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(y)
+    g = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.epochs * -(-len(y) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
+    head.train()
+    last = float("nan")
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(y), generator=g)
+        tot, cnt = 0.0, 0
+        for s in range(0, len(y), cfg.batch_size):
+            b = perm[s: s + cfg.batch_size]
+            logit = head(features(I[ii[b]], T[tt[b]])).squeeze(-1)
+            loss = loss_fn(logit, Y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot, cnt = tot + loss.item() * len(b), cnt + len(b)
+        last = tot / max(cnt, 1)
+    return head.state_dict(), {"positives": int(n), "negatives": int(len(neg)), "steps": int(steps),
+                               "final_loss": round(last, 6)}
+
+
+def score(state_dict: dict, d: int, hidden: int, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    """itm_score per row (float32, NaN where either vector is missing)."""
+    import torch
+
+    head = make_head(d, hidden)
+    head.load_state_dict(state_dict)
+    head.eval()
+    out = np.full(len(img), np.nan, np.float32)
+    ok = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
+    idx = np.flatnonzero(ok)
+    with torch.no_grad():
+        for s in range(0, len(idx), 8192):
+            b = idx[s: s + 8192]
+            out[b] = torch.sigmoid(head(features(torch.from_numpy(img[b]), torch.from_numpy(txt[b]))).squeeze(-1)).numpy()
+    return out
+
+
+def scores_id(arch: str, head_path: Path) -> str:
+    """The scores folder name: ``<arch>-itm__<first 12 hex of sha256(head file)>``, the model id of (``<arch>-itm``,
+    head file), so a recipe step's ``pretrained: <head file>`` selects exactly this folder."""
+    from curate.clip.models import model_id
+
+    return model_id(f"{arch}-itm", str(head_path))
+
+
+def write_scores(pool: Path, folder_id: str, files: list[Path], uids: list[np.ndarray], columns: dict[str, np.ndarray],
+                 meta: dict[str, str]) -> Path:
+    """POOL/embeddings/<folder_id>/<shard>.parquet: uid + float32 score columns, one file per embeddings file,
+    same rows in the same order (docs/FORMATS.md "Scores"). Returns the folder."""
+    folder = Path(pool) / "embeddings" / folder_id
+    off = 0
+    for f, u in zip(files, uids):
+        n = len(u)
+        cols = {"uid": pa.array(list(u), pa.string())}
+        for name, v in columns.items():
+            x = np.asarray(v[off: off + n], np.float32)
+            cols[name] = pa.array(x, pa.float32(), mask=np.isnan(x))
+        off += n
+        kv = {"curate.format": SCORES_FORMAT, "curate.model_id": folder_id, "curate.shard": f.stem, **meta}
+        t = pa.table(cols).replace_schema_metadata({k: str(v) for k, v in kv.items()})
+        atomic.write_parquet(folder / f.name, t)
+    for old in folder.glob("*.parquet"):  # a shard the embeddings no longer have
+        if old.name not in {f.name for f in files}:
+            old.unlink()
+    return folder

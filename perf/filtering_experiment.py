@@ -359,20 +359,52 @@ def prepare_recipe(work: Path, report: dict, name: str) -> Path:
     if not needs_scorer(name):
         return recipe_subset(work, name, {})
     sc = scorer(work, report)
-    return recipe_subset(work, name, {sc["arch"]: sc["out"]})
+    if "image_based" in name:
+        trusted_target(work, sc)
+    # the bootstrap CLIP's embeddings (dedup, image_based) and the ITM head's itm_score folder
+    return recipe_subset(work, name, {sc["arch"]: sc["out"], f"{sc['arch']}-itm": sc["itm_head"]})
 
 
 def scorer(work: Path, report: dict) -> dict:
-    """Train scorer v2 (itm variant) on the pool, embed the pool with it, record the AUCs once."""
+    """Train scorer v2 (`curate train-scorer --variant itm`: bootstrap CLIP + ITM head), embed the pool with it and
+    record its AUCs on the held-out rows, once (a resumed run reuses it)."""
     if "scorer" in report and Path(report["scorer"]["out"]).is_file():
         return report["scorer"]
-    from curate.run.scorer import train_scorer_v2_for_experiment
+    from curate.run.scorer import ScorerConfig, train_scorer
 
+    b = work / "pool_build"
     t0, c0 = time.perf_counter(), NB.cpu_seconds()
-    s = train_scorer_v2_for_experiment(work / "pool", work / "pool_build", work / "scorer")
-    s.update(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(NB.cpu_seconds() - c0, 1))
-    report["scorer"] = s
-    return s
+    s = train_scorer(ScorerConfig(pool=work / "pool", out=work / "scorer" / "scorer_itm.pt", truth=b / "truth.parquet",
+                                  trusted=b / "trusted.parquet", scale="tiny", seed=0, variant="itm", progress=False))
+    rec = {k: s.get(k) for k in ("out", "arch", "variant", "itm_head", "scores_model_id", "model_id", "heldout_rule",
+                                 "trusted_rows", "report", "itm", "stages")}
+    rec.update(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(NB.cpu_seconds() - c0, 1),
+               load_end=NB.load())
+    report["scorer"] = rec
+    return rec
+
+
+def trusted_target(work: Path, sc: dict) -> Path:
+    """POOL/targets/trusted_image_emb.npy: the image embeddings (scorer v2's CLIP) of the trusted subset, the
+    image-based baseline's held-in target set (never evaluation images)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from curate.core.atomic import atomic_path
+    from curate.run import itm
+
+    dest = work / "pool" / "targets" / "trusted_image_emb.npy"
+    if dest.is_file():
+        return dest
+    trusted = set(pq.read_table(work / "pool_build" / "trusted.parquet", columns=["uid"]).column("uid").to_pylist())
+    _, uids, img, _ = itm.load_embeddings(work / "pool", sc["model_id"])
+    flat = np.concatenate(uids)
+    keep = np.fromiter((u in trusted for u in flat), bool, count=len(flat)) & np.isfinite(img).all(axis=1)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest, suffix=".npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, img[keep].astype(np.float32))
+    return dest
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""The pre-registered filtering experiment (perf/filtering_experiment.py): its controls are what they claim, its
+design cannot change on resume, and its offline recipes are valid and cite DataComp's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from perf import filtering_experiment as FE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _truth(tmp_path: Path) -> tuple[Path, list[str]]:
+    kinds = ["none"] * 600 + ["caption_swap"] * 100 + ["empty_caption"] * 20 + ["boilerplate"] * 30 + \
+        ["non_english"] * 10 + ["ui_glyph"] * 150 + ["exact_dup"] * 60 + ["http_404"] * 30
+    uids = [f"{i:032x}" for i in range(len(kinds))]
+    p = tmp_path / "truth.parquet"
+    pq.write_table(pa.table({"uid": uids, "noise": kinds}), p)
+    downloaded = [u for u, k in zip(uids, kinds) if k != "http_404"]
+    return p, downloaded
+
+
+def test_controls_have_the_clip30_size_and_the_noise_they_claim(tmp_path):
+    truth, downloaded = _truth(tmp_path)
+    c = FE.control_subsets(truth, downloaded)
+    k = int(len(downloaded) * 0.3)
+    assert {n: len(u) for n, (u, _) in c.items()} == {"oracle": k, "random": k, "adversarial": k}
+    noise = dict(zip(*pq.read_table(truth).to_pydict().values()))
+    assert all(noise[u] == "none" for u in c["oracle"][0])
+    adv = c["adversarial"][0]
+    caption_bad = [u for u in downloaded if noise[u] in FE.CAPTION_NOISE]
+    assert set(caption_bad) <= set(adv)  # every injected caption-noise row first (160 < k = 291)
+    assert all(u in downloaded for name in c for u in c[name][0])  # never a row that did not download
+    assert c["adversarial"][1]["noise"]["caption_swap"] == 100
+    assert FE.control_subsets(truth, downloaded) == c  # fixed draw: the same subsets every time
+
+
+def test_the_design_is_locked_on_resume():
+    cal = {"admitted": ["a", "b"], "headline_admitted": ["a"], "rule": "r", "seeds": [1000]}
+    d = FE.design(cal)
+    report = FE.lock_design({}, d, "abc")
+    assert report["preregistration"]["digest"] == d["digest"] and report["preregistration"]["commit"] == "abc"
+    assert FE.lock_design(report, FE.design(cal), "def")["preregistration"]["commit"] == "abc"  # resume keeps it
+    with pytest.raises(SystemExit, match="suite"):
+        FE.lock_design(report, FE.design({**cal, "headline_admitted": ["a", "b"]}), "abc")
+
+
+def test_offline_recipes_load_and_cite_datacomp():
+    from curate.filter.recipe import load_recipe
+
+    names = {n for n, (kind, _, _) in FE.ENTRIES.items() if kind == "recipe"}
+    files = {p.stem: p for p in (ROOT / "recipes" / "offline").glob("*.yaml")}
+    assert names == set(files)
+    for name, p in files.items():
+        r = load_recipe(p)
+        assert r.name == name
+        assert "DataComp" in p.read_text().split("name:")[0], f"{p.name} must cite the DataComp rule it adapts"

@@ -67,16 +67,20 @@ class ClipScoreFilter(Filter):
                 raise ValueError("threshold: give exactly one of threshold or keep_top_fraction")
 
     def apply(self, batch: Batch) -> StepResult:
-        p = self.params
-        score = column(batch.table, "clip_score")
-        s = pc.fill_null(score, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
-        if p.keep_top_fraction is not None:
-            keep, thr = top_fraction_keep(column(batch.table, "uid"), score, p.keep_top_fraction, p.datacomp_ties)
-        else:
-            thr = p.threshold
-            keep = ~np.isnan(s) & (s >= thr)
-        reason = np.full(len(s), None, dtype=object)
-        reason[np.isnan(s)] = "no clip score"
-        reason[~keep & ~np.isnan(s)] = f"clip score < {thr:.4f}" if p.keep_top_fraction is None else \
-            f"not in top {p.keep_top_fraction:g} (cut {thr:.4f})"
-        return StepResult(keep=keep, score=s, reason=reason, threshold=thr)
+        return select_by_score(batch, column(batch.table, "clip_score"), self.params, "clip score", "")
+
+
+def select_by_score(batch: Batch, score, p, label: str, by: str) -> StepResult:
+    """The threshold / top-fraction rule shared by ``clip_score`` and ``score``; `label` names the score in the
+    drop reasons ("no LABEL", "LABEL < cut"), `by` is appended to the top-fraction reason (" by itm_score")."""
+    s = pc.fill_null(score, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
+    if p.keep_top_fraction is not None:
+        keep, thr = top_fraction_keep(column(batch.table, "uid"), score, p.keep_top_fraction, p.datacomp_ties)
+    else:
+        thr = p.threshold
+        keep = ~np.isnan(s) & (s >= thr)
+    reason = np.full(len(s), None, dtype=object)
+    reason[np.isnan(s)] = f"no {label}"
+    reason[~keep & ~np.isnan(s)] = f"{label} < {thr:.4f}" if p.keep_top_fraction is None else \
+        f"not in top {p.keep_top_fraction:g}{by} (cut {thr:.4f})"
+    return StepResult(keep=keep, score=s, reason=reason, threshold=thr)

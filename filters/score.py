@@ -18,12 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from filters.base import Batch, Filter, StepResult, register
-from filters.clip_score import top_fraction_keep
+from filters.clip_score import select_by_score
 from filters.common import EmbeddingParams, column
 
 # The documented score columns (docs/FORMATS.md "Embeddings", "Scores"). The class declares them all (the
@@ -64,15 +62,4 @@ class ScoreFilter(Filter):
         p = self.params
         if p.column not in batch.table.column_names:
             raise ValueError(f"score: column {p.column!r} is not in the rows this step received")
-        score = column(batch.table, p.column).cast(pa.float64())
-        s = pc.fill_null(score, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
-        if p.keep_top_fraction is not None:
-            keep, thr = top_fraction_keep(column(batch.table, "uid"), score, p.keep_top_fraction, p.datacomp_ties)
-        else:
-            thr = p.threshold
-            keep = ~np.isnan(s) & (s >= thr)
-        reason = np.full(len(s), None, dtype=object)
-        reason[np.isnan(s)] = f"no {p.column}"
-        reason[~keep & ~np.isnan(s)] = f"{p.column} < {thr:.4f}" if p.keep_top_fraction is None else \
-            f"not in top {p.keep_top_fraction:g} by {p.column} (cut {thr:.4f})"
-        return StepResult(keep=keep, score=s, reason=reason, threshold=thr)
+        return select_by_score(batch, column(batch.table, p.column).cast(pa.float64()), p, p.column, f" by {p.column}")

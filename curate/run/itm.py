@@ -52,15 +52,13 @@ class ItmConfig:
 
 
 def vectors(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """fixed_size_list<float16>[d] with nulls -> float32 (n, d), NaN rows for nulls."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    d = arr.type.list_size
-    values = arr.values.slice(arr.offset * d, len(arr) * d)
-    import pyarrow.compute as pc
+    """fixed_size_list<float16>[d] with nulls -> float32 (n, d), NaN rows for nulls (the pool's one converter; an
+    empty file keeps its width d so files concatenate)."""
+    from curate.pool.pool import vectors_from_column
 
-    out = pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(arr), d)
-    if arr.null_count:
-        out[arr.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    out = vectors_from_column(col, len(col))
+    if out.shape[1] == 0 and pa.types.is_fixed_size_list(col.type):
+        out = np.zeros((len(col), col.type.list_size), np.float32)
     return out
 
 

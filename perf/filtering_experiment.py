@@ -187,7 +187,7 @@ def _side(label: str, runs: list[str], keys: list[str]):
     return side
 
 
-def analyse(report: dict, work: Path) -> list[dict]:
+def analyse(report: dict, work: Path, comparisons: list[tuple[str, str]] | None = None) -> list[dict]:
     """Every pre-registered comparison whose both entries have all seeds, Holm-corrected together."""
     import numpy as np
 
@@ -203,7 +203,7 @@ def analyse(report: dict, work: Path) -> list[dict]:
         return None if any(c is None for c in got) else got
 
     reps, extra = [], []
-    for a, b in COMPARISONS:
+    for a, b in (COMPARISONS if comparisons is None else comparisons):
         ra, rb = runs(a), runs(b)
         if ra is None or rb is None:
             continue

@@ -92,23 +92,10 @@ def success_uids(pool: Path) -> list[str]:
 
 def write_subset(subset: Path, uids: list[str], pool: Path, name: str, rule: str, counts: dict) -> None:
     """SUBSET/uids.npy + manifest.json, rewritten only when the uid list changed (keeps reshard and runs valid)."""
-    import hashlib
-
-    from curate.core import atomic
     from curate.core import uids as uidlib
 
-    arr = uidlib.encode(sorted(uids))
-    digest = hashlib.sha256(arr.tobytes()).hexdigest()
-    man = subset / "manifest.json"
-    if man.is_file() and (subset / "uids.npy").is_file():
-        try:
-            if json.loads(man.read_text()).get("uids_digest") == digest:
-                return
-        except ValueError:
-            pass
-    uidlib.save(subset / "uids.npy", arr)
-    atomic.write_json(man, {"recipe": {"name": name, "rule": rule}, "pool": str(pool.resolve()),
-                            "uids_digest": digest, "counts": {"subset": len(uids), **counts}})
+    uidlib.write_subset(subset, uids, {"recipe": {"name": name, "rule": rule}, "pool": str(pool.resolve()),
+                                       "counts": {"subset": len(uids), **counts}})
 
 
 def run_cell(work: Path, subset: Path, name: str, seed: int, tasks: list[str], progress: bool = False) -> dict:

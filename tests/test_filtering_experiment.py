@@ -59,3 +59,24 @@ def test_offline_recipes_load_and_cite_datacomp():
         r = load_recipe(p)
         assert r.name == name
         assert "DataComp" in p.read_text().split("name:")[0], f"{p.name} must cite the DataComp rule it adapts"
+
+
+def test_the_confirmatory_design_takes_only_large_admitted_tasks_and_fresh_seeds():
+    """perf/confirm_experiment.py: its headline is the admitted tasks with >= 1,000 items (a small task's item noise
+    cannot swamp it), its seeds are disjoint from the first run's and the calibration's, and its design is locked."""
+    from perf import confirm_experiment as CE
+
+    cal = {"headline_admitted": ["t/big", "t/small"], "rule": "r", "seeds": [1000], "commit": "c",
+           "runs": [{"intervals": {"t/big": {"n": 1339}, "t/small": {"n": 189}, "t/other": {"n": 5000}}}]}
+    d = CE.design(cal)
+    assert d["suite"]["headline"] == ["t/big"] and d["suite"]["evaluated"] == ["t/big", "t/small"]
+    assert not set(d["seeds"]) & (set(FE.PREREGISTRATION["seeds"]) | set(cal["seeds"]))
+    assert len(d["seeds"]) >= 5
+    report = FE.lock_design({}, d, "abc")
+    cal["runs"][0]["intervals"]["t/small"]["n"] = 1200  # a different calibration admits a different headline
+    with pytest.raises(SystemExit, match="refuses to change"):
+        FE.lock_design(report, CE.design(cal), "abc")
+    cal["runs"][0]["intervals"]["t/big"]["n"] = 10
+    cal["runs"][0]["intervals"]["t/small"]["n"] = 10
+    with pytest.raises(SystemExit, match="no calibration-admitted task"):
+        CE.design(cal)

@@ -90,6 +90,32 @@ def save(path: str | os.PathLike, uids: Sequence[str] | np.ndarray) -> np.ndarra
     return arr
 
 
+def write_subset(subset: str | os.PathLike, uids: Sequence[str], manifest: dict) -> bool:
+    """SUBSET/uids.npy + manifest.json for a subset chosen by code (a control, a scorer's training set), rewritten
+    only when the uid list changed, so a resharded copy and runs trained on it stay valid on a re-run.
+
+    `manifest` is what the subset's manifest.json should say (recipe name and rule, pool, counts); its
+    `uids_digest` (sha256 of the sorted encoded uids) is added here and is what decides "changed". Returns True
+    when the files were (re)written."""
+    import json
+
+    from curate.core.atomic import write_json
+
+    subset = Path(subset)
+    arr = np.sort(encode(list(uids)), order=["f0", "f1"])
+    digest = hashlib.sha256(arr.tobytes()).hexdigest()
+    man = subset / "manifest.json"
+    if man.is_file() and (subset / "uids.npy").is_file():
+        try:
+            if json.loads(man.read_text()).get("uids_digest") == digest:
+                return False
+        except ValueError:
+            pass  # a damaged manifest is rewritten
+    save(subset / "uids.npy", arr)
+    write_json(man, {**manifest, "uids_digest": digest})
+    return True
+
+
 def load(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
     """Load and validate a DataComp uids.npy (optionally memory-mapped)."""
     path = Path(path)

@@ -196,23 +196,13 @@ def trusted_uids_from_file(pool: Path, trusted: Path) -> tuple[list[str], dict]:
 
 def _write_subset(subset: Path, uids: list[str], pool: Path, truth: Path, sources: tuple[str, ...], counts: dict,
                   rule: str | None = None, name: str = "scorer_trusted_subset") -> None:
-    """SUBSET/uids.npy + manifest.json, rewritten only when the uid list changed (keeps reshard up to date)."""
+    """SUBSET/uids.npy + manifest.json of a scorer training stage, rewritten only when the uid list changed."""
     from curate.core import uids as uidlib
 
-    arr = uidlib.encode(uids)
-    digest = hashlib.sha256(arr.tobytes()).hexdigest()
-    man_p = subset / "manifest.json"
-    if man_p.is_file() and (subset / "uids.npy").is_file():
-        try:
-            if json.loads(man_p.read_text()).get("uids_digest") == digest:
-                return
-        except ValueError:
-            pass
-    uidlib.save(subset / "uids.npy", arr)
-    atomic.write_json(man_p, {
+    uidlib.write_subset(subset, uids, {
         "recipe": {"name": name, "rule": rule or f"truth.source in {list(sources)} and truth.noise == 'none'"
                    " and pool status == success"},
-        "pool": str(pool.resolve()), "truth": str(truth.resolve()) if truth else None, "uids_digest": digest,
+        "pool": str(pool.resolve()), "truth": str(truth.resolve()) if truth else None,
         "counts": {"subset": len(uids), **counts},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

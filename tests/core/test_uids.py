@@ -70,3 +70,24 @@ def test_atomic_outputs_have_ordinary_permissions(tmp_path):
     atomic.write_text(tmp_path / "a.json", "{}")
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~atomic._UMASK
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_write_subset_rewrites_only_when_the_uids_change(tmp_path):
+    """A code-chosen subset (a control, a scorer's training set) keeps its files, and so the reshard and runs built
+    on it, when re-written with the same uids in any order; a changed list or a damaged manifest is rewritten."""
+    import json
+
+    from curate.core import uids as uidlib
+
+    a, b, c = (uidlib.make_uid(f"http://x/{i}.jpg", str(i)) for i in range(3))
+    sub = tmp_path / "sub"
+    assert uidlib.write_subset(sub, [b, a], {"recipe": {"name": "t"}})
+    first = json.loads((sub / "manifest.json").read_text())
+    assert uidlib.decode(uidlib.load(sub / "uids.npy")) == sorted([a, b])
+    assert first["recipe"] == {"name": "t"} and len(first["uids_digest"]) == 64
+    assert not uidlib.write_subset(sub, [a, b], {"recipe": {"name": "t"}})
+    assert uidlib.write_subset(sub, [a, b, c], {"recipe": {"name": "t"}})
+    assert json.loads((sub / "manifest.json").read_text())["uids_digest"] != first["uids_digest"]
+    (sub / "manifest.json").write_text("{not json")
+    assert uidlib.write_subset(sub, [a, b, c], {"recipe": {"name": "t"}})
+    assert len(uidlib.load(sub / "uids.npy")) == 3

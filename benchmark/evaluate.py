@@ -42,8 +42,10 @@ import click
 import numpy as np
 
 from benchmark import metrics as M
+from benchmark.decode_cache import DecodeCache, entry_key_parts, split_preprocess
 from benchmark.evalsets import (
     EvalSet, MissingEvalSet, decode_image, default_evalsets_dir, iter_batches, iter_winogavil, open_evalset,
+    transform_output_size,
 )
 from benchmark.tasks import (
     CLASSIFICATION, DATACOMP_SCORED, FAIRNESS, OFFLINE_KEYS, RETRIEVAL, TASKS, WILDS, WINOGAVIL, Task,
@@ -78,6 +80,10 @@ class EvalConfig:
     force: bool = False  # recompute tasks already in the results file
     progress: bool | None = None  # tqdm bars; None = only on a terminal
     allow_partial: bool = False  # score a set with fewer (or more) items than expected, marked "partial"
+    # decoded-pixel cache (benchmark/decode_cache.py): a folder or "off"; None = $CURATE_EVAL_CACHE or the user
+    # cache dir. Its byte budget: None = $CURATE_EVAL_CACHE_BYTES or 2 GiB; 0 disables.
+    decode_cache: Path | str | None = None
+    decode_cache_bytes: int | None = None
 
 
 def resolve_model(cfg: EvalConfig) -> tuple[str, str | None, Path]:
@@ -144,40 +150,94 @@ def zero_shot_classifier(lm, classnames: list[str], templates: list[str]):
     return F.normalize(emb.mean(dim=1), dim=-1).T.contiguous().to(torch.float32)
 
 
-def encode_images(lm, evalset: EvalSet, batch_size: int, num_workers: int, progress: bool) -> dict:
+def encode_images(lm, evalset: EvalSet, batch_size: int, num_workers: int, progress: bool,
+                  cache: DecodeCache | None = None) -> dict:
     """Run every sample of `evalset` through the image tower.
 
     Returns features of the decodable images plus their labels/captions/metadata, and the keys and
     reasons of samples whose image failed (they are reported, not scored).
+
+    When the model's preprocessing splits at the uint8 pixels (benchmark.decode_cache.split_preprocess:
+    open_clip's Resize/CenterCrop/ToTensor/Normalize), samples are decoded to uint8 (a quarter of the bytes
+    through the loader's queue) and normalised per batch here, bit for bit what the whole transform computes.
+    With a `cache`, a set seen before with the same preprocessing is read from its memory-mapped pixels (no tar,
+    no decode, no DataLoader); a set not seen yet is written to the cache while it is scored.
     """
     import torch
     from tqdm import tqdm
 
+    split = split_preprocess(lm.preprocess)
+    writer = entry = None
+    if split is None:
+        batches = iter_batches(evalset, lm.preprocess, batch_size, num_workers)
+    else:
+        parts = None
+        if cache is not None:
+            parts = entry_key_parts(evalset.task.key, evalset.root, evalset.shards, split.spec)
+            entry = cache.get(parts)
+        if entry is not None:
+            batches = cached_batches(entry, batch_size)
+        else:
+            if cache is not None:
+                writer = cache.writer(parts, count_items(evalset), transform_output_size(split.to_uint8))
+            batches = iter_batches(evalset, split.to_uint8, batch_size, num_workers)
+
     feats, labels, captions, metas, keys, failed = [], [], [], [], [], []
     total = 0
     bar = tqdm(desc=evalset.task.key, unit="img", disable=not progress, leave=False)
-    with torch.no_grad():
-        for batch in iter_batches(evalset, lm.preprocess, batch_size, num_workers):
+    try:
+        for batch in batches:
             ok = batch["ok"]
             total += len(ok)
-            for k, e, good in zip(batch["keys"], batch["errors"], ok.tolist()):
-                if not good:
-                    failed.append({"key": k, "error": e})
+            images = batch["images"]
+            if split is not None and images.dtype != torch.uint8:
+                images = images.to(torch.uint8)  # a failed sample's float placeholder promoted the batch
+            if writer is not None:
+                writer.add(images, batch["keys"], batch["labels"], ok.tolist(), batch["errors"], batch["captions"],
+                           batch["meta"])
+            if not ok.all():
+                failed.extend({"key": k, "error": e} for k, e, good in
+                              zip(batch["keys"], batch["errors"], ok.tolist()) if not good)
             if ok.any():
-                imgs = batch["images"][ok].to(lm.device)
-                feats.append(models.encode_images(lm.model, imgs).cpu())
-                idx = ok.nonzero().flatten().tolist()
-                labels.append(batch["labels"][ok])
-                captions.extend(batch["captions"][i] for i in idx)
-                metas.extend(batch["meta"][i] for i in idx)
-                keys.extend(batch["keys"][i] for i in idx)
+                imgs = images if ok.all() else images[ok]
+                if split is not None:
+                    imgs = split.normalise(imgs)
+                feats.append(models.encode_images(lm.model, imgs.to(lm.device)).cpu())
+                if ok.all():
+                    labels.append(batch["labels"])
+                    captions.extend(batch["captions"])
+                    metas.extend(batch["meta"])
+                    keys.extend(batch["keys"])
+                else:
+                    idx = ok.nonzero().flatten().tolist()
+                    labels.append(batch["labels"][ok])
+                    captions.extend(batch["captions"][i] for i in idx)
+                    metas.extend(batch["meta"][i] for i in idx)
+                    keys.extend(batch["keys"][i] for i in idx)
             bar.update(len(ok))
-    bar.close()
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.abort()  # no-op after a commit
+        bar.close()
     return {
         "features": torch.cat(feats) if feats else torch.zeros(0, 0),
         "labels": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
         "captions": captions, "meta": metas, "keys": keys, "failed": failed, "total": total,
     }
+
+
+def cached_batches(entry, batch_size: int):
+    """Batches (iter_batches' dicts) from a decode-cache entry: slices of its memory-mapped uint8 pixels."""
+    import torch
+
+    n = entry.pixels.shape[0]
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        yield {"images": torch.from_numpy(np.array(entry.pixels[i:j])), "ok": torch.from_numpy(entry.ok[i:j].copy()),
+               "keys": entry.keys[i:j], "labels": torch.from_numpy(entry.labels[i:j].copy()),
+               "captions": entry.captions[i:j], "meta": entry.meta[i:j], "errors": entry.errors[i:j]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +275,13 @@ def _group_metrics(task: Task, logits: np.ndarray, labels: np.ndarray, metas: li
     return out
 
 
+def decode_cache_for(cfg: EvalConfig) -> DecodeCache | None:
+    """The decode cache `cfg` names (its fields, else the environment); None when it is off."""
+    return DecodeCache.from_settings(cfg.decode_cache, cfg.decode_cache_bytes)
+
+
 def eval_classification(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
-    enc = encode_images(lm, es, cfg.batch_size, cfg.num_workers, progress)
+    enc = encode_images(lm, es, cfg.batch_size, cfg.num_workers, progress, decode_cache_for(cfg))
     n = len(enc["labels"])
     if n == 0:
         raise CurateError(f"{task.key}: no decodable image in {es.root} ({len(enc['failed'])} failed)")
@@ -242,7 +307,7 @@ def eval_classification(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: 
 
 
 def eval_retrieval(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool) -> dict:
-    enc = encode_images(lm, es, cfg.batch_size, cfg.num_workers, progress)
+    enc = encode_images(lm, es, cfg.batch_size, cfg.num_workers, progress, decode_cache_for(cfg))
     texts, t2i = [], []
     for i, caps in enumerate(enc["captions"]):
         texts.extend(caps)
@@ -741,9 +806,15 @@ def format_table(summary: dict) -> str:
               help="Score eval sets whose item count differs from the expected size (a missing shard, deleted "
                    "items) instead of refusing them; their lines say \"partial\": true and they count as not "
                    "scored in averages, the leaderboard and compare.")
+@click.option("--decode-cache", default=None, metavar="DIR|off",
+              help="Folder of decoded eval-set pixels reused by later evaluations (default: $CURATE_EVAL_CACHE, "
+                   "else $XDG_CACHE_HOME/curate/eval or ~/.cache/curate/eval); 'off' disables it.")
+@click.option("--decode-cache-bytes", type=click.IntRange(min=0), default=None,
+              help="Byte budget of the decode cache, least recently used entries evicted (default: "
+                   "$CURATE_EVAL_CACHE_BYTES or 2 GiB; 0 disables).")
 @click.option("--list-tasks", is_flag=True, help="List the task registry and exit.")
 def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, device, num_workers, force, allow_partial,
-                 list_tasks):
+                 decode_cache, decode_cache_bytes, list_tasks):
     """Zero-shot evaluation on DataComp's 38 tasks and the offline suite.
 
     Writes one JSON line per task to eval_results.jsonl and prints a table. Tasks whose data is not
@@ -758,7 +829,8 @@ def evaluate_cmd(run, model, pretrained, tasks, evalsets, out, batch_size, devic
         return
     summary = evaluate(EvalConfig(run=run, model=model, pretrained=pretrained, tasks=list(tasks) or None,
                                   evalsets=evalsets, out=out, batch_size=batch_size, device=device,
-                                  num_workers=num_workers, force=force, allow_partial=allow_partial))
+                                  num_workers=num_workers, force=force, allow_partial=allow_partial,
+                                  decode_cache=decode_cache, decode_cache_bytes=decode_cache_bytes))
     click.echo(format_table(summary))
     if summary["reused"] and not summary["computed"]:
         click.echo(f"already up to date: {len(summary['reused'])} task(s) reused from {summary['results_file']}")

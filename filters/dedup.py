@@ -19,6 +19,10 @@ Recipe: ``dedup: {on: image|text|both, threshold: 0.95, index: auto|flat|ivf, ke
 
 Rows without an embedding (undecodable image) take part only in the exact step. The result depends
 only on the rows and the seed, never on batch order: the same input gives the same kept set.
+
+Memory: besides the batch's own vectors, the step holds O(n * k) numbers, not another (n, d) copy: the rows
+are normalised as they are read (`faiss_index.UnitRows`) and the IVF self-join reads them from the batch's
+matrix (perf/RESULTS.md, "Dedup memory: the filter alone").
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import pyarrow.compute as pc
 
 from curate.lib import collapse, faiss_index
 from filters.base import Batch, Filter, StepResult, register
-from filters.common import EmbeddingParams, column, normalise, normalise_text, pool_order
+from filters.common import EmbeddingParams, column, normalise_text, pool_order
 
 
 def exact_codes(table: pa.Table, on: str) -> np.ndarray:
@@ -115,7 +119,6 @@ class DedupFilter(Filter):
         p = self.params
         table = batch.table
         n = len(batch)
-        uids = column(table, "uid").to_pylist()
         rank = pool_order(table)
 
         # 1. exact groups, linked as stars to their first member.
@@ -134,17 +137,19 @@ class DedupFilter(Filter):
         rep = np.ones(n, dtype=bool)
         rep[ej] = False
 
-        # 2. near pairs on embeddings among representatives.
+        # 2. near pairs on embeddings among representatives. The vectors are normalised as they are read
+        # (faiss_index.UnitRows): a normalised copy would be another 2 GiB at 1M x 512 (issue 20).
         primary = "text" if p.on == "text" else "image"
-        x, ok = normalise(self._vectors(batch, primary))
+        x = faiss_index.UnitRows(self._vectors(batch, primary))
+        ok = x.ok.copy()
         secondary = None
         if p.on == "both":
-            secondary, ok2 = normalise(self._vectors(batch, "text"))
-            ok &= ok2
+            secondary = faiss_index.UnitRows(self._vectors(batch, "text"))
+            ok &= secondary.ok
         cand = np.flatnonzero(rep & ok)
         ni = nj = np.empty(0, dtype=np.int64)
         if len(cand) > 1:
-            xc = x if len(cand) == n else x[cand]  # no 2 GiB copy when every row takes part
+            xc = x if len(cand) == n else x.subset(cand)  # no copy either way
             # a collapsed space makes every pair a "duplicate": refuse it (curate/lib/collapse.py) before the search
             collapse.check_not_collapsed(xc, f"dedup on {primary} embeddings", self.model_id, self.seed)
             faiss_index.warn_if_collapsed(xc, p.threshold, "dedup")
@@ -153,7 +158,7 @@ class DedupFilter(Filter):
             self.last_index = choice
             ni, nj = cand[i], cand[j]
             if secondary is not None and len(ni):
-                tsim = np.einsum("ij,ij->i", secondary[ni], secondary[nj])
+                tsim = pair_cosines(secondary, ni, nj)
                 ni, nj = ni[tsim >= p.threshold], nj[tsim >= p.threshold]
 
         # 3. groups = connected components of exact + near edges.
@@ -171,9 +176,9 @@ class DedupFilter(Filter):
         dropped = np.flatnonzero(~keep)
         score = np.full(n, np.nan)
         k_of = keeper[dropped]
-        sim = np.einsum("ij,ij->i", x[dropped], x[k_of]).astype(np.float64)
+        sim = pair_cosines(x, dropped, k_of).astype(np.float64)
         if secondary is not None:
-            sim = np.minimum(sim, np.einsum("ij,ij->i", secondary[dropped], secondary[k_of]))
+            sim = np.minimum(sim, pair_cosines(secondary, dropped, k_of))
         same_exact = (codes[dropped] >= 0) & (codes[dropped] == codes[k_of])
         sim = np.where(same_exact, 1.0, sim)
         sim = np.where(ok[dropped] & ok[k_of] | same_exact, sim, np.nan)
@@ -181,7 +186,18 @@ class DedupFilter(Filter):
         sizes = np.bincount(labels, minlength=labels.max() + 1 if n else 0)
         reason: list[str | None] = [None] * n
         exact_what = {"image": "same sha256", "text": "same caption", "both": "same sha256 and caption"}[p.on]
-        for r, k, s, ex in zip(dropped.tolist(), k_of.tolist(), sim.tolist(), same_exact.tolist()):
+        # only the kept members' uids as Python strings, not the whole column (~90 MB at 1M rows)
+        kept_uids = column(table, "uid").take(pa.array(k_of, pa.int64())).to_pylist()
+        for r, u, s, ex in zip(dropped.tolist(), kept_uids, sim.tolist(), same_exact.tolist()):
             how = exact_what if ex else f"cosine {s:.3f}"
-            reason[r] = f"duplicate of {uids[k]} ({how}; group of {sizes[labels[r]]})"
+            reason[r] = f"duplicate of {u} ({how}; group of {sizes[labels[r]]})"
         return StepResult(keep=keep, score=score, reason=reason, threshold=p.threshold)
+
+
+def pair_cosines(x: faiss_index.UnitRows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 cosine of rows a[t] and b[t] of `x`, `faiss_index.ROW_CHUNK` pairs at a time (bounded temporaries)."""
+    chunk = faiss_index.ROW_CHUNK
+    out = np.empty(len(a), dtype=np.float32)
+    for s in range(0, len(a), chunk):
+        out[s:s + chunk] = np.einsum("ij,ij->i", x[a[s:s + chunk]], x[b[s:s + chunk]])
+    return out

@@ -4,6 +4,18 @@
     .venv/bin/python -m perf.bench_dedup --n 100000 --pairs 1000 --sample 20000   # quick look
     .venv/bin/python -m perf.bench_dedup --concurrent   # both sides at once: compare CPU seconds
     .venv/bin/python -m perf.bench_dedup --quality POOL --truth BUILD/truth.parquet  # offline pool quality
+    nice -n 5 .venv/bin/python -m perf.bench_dedup --memory [--json r.json]   # the filter process's memory alone
+
+--memory (issue 20, item 4): the planted 1,000,000 x 512 vectors are written first, by a separate process, as a
+DataComp-format pool (float16 `b32_img` in uncompressed npz members, i.e. .npy arrays at an offset; 4 parquet +
+npz pairs; `curate pool import-datacomp`), then a fresh child runs `curate filter --recipe R --pool POOL` in-process
+with R = one step, ``dedup: {on: image, threshold: 0.95, model: ViT-B-32}``: the engine reads the vectors the way
+it reads any DataComp pool's (curate.pool.pool.batch_vectors -> curate.pool.datacomp), applies the filter and writes
+its ledger and subset. Its peak RSS is the parent's os.wait4 ru_maxrss (the parent stays small: a child inherits
+its parent's high-water mark at fork); a thread samples VmRSS every 10 ms and the phases (load, normalise, train,
+assign/add, search, pairs, group, decide, outputs) are marked by wrapping the functions that run them. Recall and
+false drops are read back from the run's decisions.parquet. ``--source DIR`` runs the child from another tree
+(e.g. ``git archive HEAD``) to measure before a change.
 
 What is measured, each side in its own child process (so peak RSS is that side's alone):
 * ours: the real `filters.dedup.DedupFilter.apply` (``index: auto`` -> IVF at this size) on the
@@ -199,6 +211,245 @@ def quality(args) -> None:
                   f"{np.mean(nearh):.3f} of {len(nearh)}) | {correct / max(1, len(dropped)):.3f} |")
 
 
+# ---------------------------------------------------------------- --memory: the filter process alone
+
+MEM_FILES = 4  # parquet + npz pairs (DataComp's small pool: ~490k rows a file)
+
+
+def memory_pool(work: Path, n: int, d: int, pairs: int, files: int = MEM_FILES) -> tuple[Path, Path]:
+    """A DataComp-format pool whose b32_img vectors are `make_data`'s planted set (float16, as DataComp
+    publishes them, in uncompressed npz members = .npy files at an offset), imported in place.
+
+    Written once per (n, d, pairs, files) and reused. Returns (pool, truth.npz with src/dst row numbers)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from datacomp_factory import write_datacomp_file
+
+    from curate.core.atomic import write_json
+    from curate.pool.datacomp import ImportConfig, import_datacomp
+
+    src_dir, pool, truth = work / "datacomp_metadata", work / "pool", work / "truth.npz"
+    marker = work / "bench_memory.json"
+    want = {"n": n, "d": d, "pairs": pairs, "files": files, "seed": 0}
+    if not (marker.exists() and json.loads(marker.read_text()) == want and truth.exists()):
+        t = time.time()
+        for f in src_dir.glob("*"):
+            f.unlink()
+        x, src, dst = make_data(n, d, pairs)
+        sizes = [n // files + (1 if i < n % files else 0) for i in range(files)]
+        start = 0
+        for i, m in enumerate(sizes):
+            stem = f"{i:010d}"
+            write_datacomp_file(src_dir, stem, m, seed=i, npz=False)
+            img = x[start:start + m].astype(np.float16)
+            small = np.zeros((m, 2), np.float16)
+            # b32_txt: the image vectors again (dedup on image never reads them; they only make the pair valid)
+            np.savez(src_dir / f"{stem}.npz", b32_img=img, b32_txt=img, l14_img=small, l14_txt=small)
+            start += m
+        del x
+        np.savez(truth, src=src, dst=dst)
+        write_json(marker, want)
+        print(f"generated {n:,} x {d} (float16) in {files} DataComp files in {time.time() - t:.0f} s -> {src_dir}",
+              flush=True)
+    import_datacomp(ImportConfig(metadata_dir=src_dir, out=pool, check_uids=False))
+    return pool, truth
+
+
+def rss_mib() -> float:
+    """Resident set size now (VmRSS), MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PhaseRecorder:
+    """Peak RSS per phase of the dedup step, from outside the code under test.
+
+    Phases are marked by wrapping the module functions each phase runs (whichever of them the code
+    has: the names differ between versions of filters/dedup.py and curate/lib/faiss_index.py); a
+    thread samples VmRSS every 10 ms so a phase's own peak is seen even when ru_maxrss was set earlier."""
+
+    def __init__(self, first: str):
+        import threading
+
+        self.phase = first
+        self.rows: list[dict] = []
+        self.peak = rss_mib()
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            r = rss_mib()
+            with self._lock:
+                self.peak = max(self.peak, r)
+
+    def mark(self, nxt: str) -> None:
+        r = rss_mib()
+        with self._lock:
+            self.rows.append({"phase": self.phase, "end_s": round(time.perf_counter() - self.t0, 2),
+                              "peak_in_phase_mib": round(max(self.peak, r)), "rss_at_end_mib": round(r),
+                              "ru_maxrss_at_end_mib": round(maxrss_mib())})
+            self.phase, self.peak = nxt, r
+
+    def wrap(self, module, name: str, phase: str | None, after: str | None = None) -> None:
+        """Mark `phase` (if given) when module.name is called and `after` (if given) when it returns."""
+        import functools
+
+        fn = getattr(module, name, None)
+        if fn is None:
+            return
+
+        @functools.wraps(fn)
+        def wrapped(*a, **k):
+            if phase:
+                self.mark(phase)
+            try:
+                return fn(*a, **k)
+            finally:
+                if after:
+                    self.mark(after)
+
+        setattr(module, name, wrapped)
+
+    def stop(self) -> list[dict]:
+        self.mark("end")
+        self._stop.set()
+        return self.rows
+
+
+def child_filter(args) -> dict:
+    """`curate filter --recipe R --pool POOL` (in-process, as users run it) with R = one dedup step."""
+    base = rss_mib()  # the interpreter + numpy (ru_maxrss would start at the parent's high-water mark)
+    import faiss  # noqa: F401  (what a dedup step imports; counted in the baseline)
+
+    import filters.dedup as dedup_mod
+    from curate.cli import main as curate_main
+    from curate.core.atomic import write_text
+    from curate.lib import faiss_index
+
+    imports = rss_mib()
+    rec = PhaseRecorder("engine: open the pool, metadata query, vectors from the npz")
+    # The phases, by the functions that run them (old and new names; missing ones are skipped).
+    orig_apply = dedup_mod.DedupFilter.apply
+
+    def apply(self, batch):
+        rec.mark("dedup: exact groups + normalise")
+        try:
+            return orig_apply(self, batch)
+        finally:
+            rec.mark("engine: ledger, subset.parquet, uids.npy, manifest")
+
+    dedup_mod.DedupFilter.apply = apply
+    # before issue 20's item 4: build_index (train) -> add_preassigned -> _big_batch_knn; after: ivf_self_knn ->
+    # train_index -> assign_cells -> the cell-by-cell search
+    rec.wrap(faiss_index, "build_index", "train (IVF k-means)", after="assign + add (a copy into faiss)")
+    rec.wrap(faiss_index, "_big_batch_knn", "search (self-kNN)", after="pairs (threshold, dedup)")
+    rec.wrap(faiss_index, "train_index", "train (IVF k-means)", after="assign cells")
+    rec.wrap(faiss_index, "assign_cells", "assign cells", after="search (self-kNN, cell by cell)")
+    rec.wrap(faiss_index, "ivf_self_knn", None, after="pairs (threshold, dedup)")
+    rec.wrap(faiss_index, "connected_components", "group (connected components)", after="decide (keeper, reasons)")
+    out = Path(args.out)
+    recipe = out.parent / "dedup_memory.yaml"
+    write_text(recipe, 'name: dedup_memory\nsteps:\n  - dedup: {"on": image, threshold: 0.95, model: ViT-B-32}\n')
+    t0, c0 = time.perf_counter(), time.process_time()
+    curate_main(["filter", "--recipe", str(recipe), "--pool", args.pool, "--out", str(out), "--no-report"],
+                standalone_mode=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    phases = rec.stop()
+    return {"wall_s": wall, "cpu_s": cpu, "baseline_interpreter_mib": round(base),
+            "baseline_imports_mib": round(imports), "phases": phases}
+
+
+def memory_recall(pool: Path, truth: Path, out: Path) -> dict:
+    """Recall of the planted pairs from the run's ledger (both ends kept in one group) and false drops."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    uids = pa_concat_uids(pool)
+    row = {u: i for i, u in enumerate(uids)}
+    t = pq.read_table(out / "decisions.parquet", columns=["uid", "step", "kept", "reason"])
+    t = t.filter(pc.equal(t["step"], t["step"][len(t) - 1]))  # the dedup step's rows (the last step)
+    keeper = np.arange(len(uids))
+    dropped = 0
+    for u, k, r in zip(t["uid"].to_pylist(), t["kept"].to_pylist(), t["reason"].to_pylist()):
+        if not k:
+            keeper[row[u]] = row[r[len("duplicate of "):][:32]]
+            dropped += 1
+    tr = np.load(truth)
+    src, dst = tr["src"], tr["dst"]
+    planted = np.zeros(len(uids), bool)
+    planted[src] = planted[dst] = True
+    return {"recall": float(np.mean(keeper[src] == keeper[dst])), "dropped": dropped,
+            "dropped_outside_planted": int(((keeper != np.arange(len(uids))) & ~planted).sum())}
+
+
+def pa_concat_uids(pool: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [u for f in sorted((pool / "metadata").glob("*.parquet")) for u in pq.read_table(f, columns=["uid"])["uid"].to_pylist()]
+
+
+def memory(args) -> None:
+    """Parent of --memory: write the pool (not measured), run the filter in a fresh child, wait4 its peak."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    # Written by another process: a child inherits its parent's RSS high-water mark at fork (Linux), so
+    # this process must stay small for the child's ru_maxrss to be the filter's own.
+    subprocess.run([sys.executable, "-m", "perf.bench_dedup", "--child", "generate", "--work", str(work), "--n",
+                    str(args.n), "--d", str(args.d), "--pairs", str(args.pairs)], cwd=ROOT, check=True)
+    pool, truth = work / "pool", work / "truth.npz"
+    out = work / "out"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    load0 = os.getloadavg()
+    parent_mib = maxrss_mib()
+    cmd = [sys.executable, "-m", "perf.bench_dedup", "--child", "filter", "--pool", str(pool), "--out", str(out)]
+    t0 = time.perf_counter()
+    with open(work / "child.out", "w") as so, open(work / "child.err", "w") as se:
+        proc = subprocess.Popen(cmd, cwd=args.source or ROOT, stdout=so, stderr=se)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak, nothing of this process's
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.stderr.write((work / "child.err").read_text()[-5000:])
+        raise SystemExit("filter child failed")
+    res = json.loads((work / "child.out").read_text().strip().splitlines()[-1])
+    res["peak_rss_mib"] = round(usage.ru_maxrss / 1024)
+    res.update(memory_recall(pool, truth, out))
+    data_mib = args.n * args.d * 4 / 2**20
+    res.update({"n": args.n, "d": args.d, "pairs": args.pairs, "float32_vectors_mib": round(data_mib),
+                "ratio_to_float32": round(res["peak_rss_mib"] / data_mib, 2), "child_wall_s": round(wall, 1),
+                "load_avg_start": load0, "load_avg_end": os.getloadavg(), "source": str(args.source or ROOT),
+                "parent_maxrss_at_start_mib": round(parent_mib),
+                "command": " ".join(sys.argv)})
+    print(f"# bench_dedup --memory: `curate filter` with one dedup step on a DataComp-format pool of {args.n:,} x "
+          f"{args.d} (float16 npz), {args.pairs:,} planted pairs; load avg {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"peak RSS {res['peak_rss_mib']:,.0f} MiB = {res['ratio_to_float32']:.2f}x the float32 vectors "
+          f"({data_mib:,.0f} MiB); interpreter {res['baseline_interpreter_mib']} MiB, + imports "
+          f"{res['baseline_imports_mib']} MiB; recall {res['recall']:.4f}, dropped {res['dropped']:,} "
+          f"(outside planted pairs {res['dropped_outside_planted']:,}); filter wall {res['wall_s']:.0f} s, "
+          f"CPU {res['cpu_s']:.0f} s")
+    print("| phase | ends at (s) | peak RSS in phase (MiB) | RSS at end (MiB) | ru_maxrss at end (MiB) |")
+    print("|---|---|---|---|---|")
+    for p in res["phases"]:
+        print(f"| {p['phase']} | {p['end_s']} | {p['peak_in_phase_mib']:,} | {p['rss_at_end_mib']:,} | "
+              f"{p['ru_maxrss_at_end_mib']:,} |")
+    if args.json:
+        from curate.core.atomic import write_json
+
+        write_json(args.json, res)
+
+
 def start_child(side: str, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "perf.bench_dedup", "--child", side, "--n", str(args.n), "--d", str(args.d),
            "--pairs", str(args.pairs), "--sample", str(args.sample), "--index", args.index]
@@ -220,7 +471,14 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=10_000)
     ap.add_argument("--sample", type=int, default=100_000)
     ap.add_argument("--index", default="auto")
-    ap.add_argument("--child", choices=["ours", "exact"])
+    ap.add_argument("--child", choices=["ours", "exact", "filter", "generate"])
+    ap.add_argument("--memory", action="store_true",
+                    help="peak RSS of `curate filter` with one dedup step alone, per phase, on a DataComp-format pool")
+    ap.add_argument("--work", default="/tmp/curate_bench_dedup_memory", help="where --memory writes its pool")
+    ap.add_argument("--source", help="run the --memory child from this source tree (e.g. a `git archive HEAD` "
+                                     "copy, to measure before a change)")
+    ap.add_argument("--pool", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--concurrent", action="store_true",
                     help="run both sides at once (each still its own process; compare CPU seconds, not wall)")
     ap.add_argument("--quality", metavar="POOL", help="measure recall/precision on a downloaded + embedded pool")
@@ -236,6 +494,15 @@ def main(argv=None) -> None:
         args.n, args.pairs, args.sample = 20_000, 200, 5_000
     if args.quality:
         quality(args)
+        return
+    if args.memory:
+        memory(args)
+        return
+    if args.child == "filter":
+        print(json.dumps(child_filter(args)))
+        return
+    if args.child == "generate":
+        memory_pool(Path(args.work), args.n, args.d, args.pairs)
         return
     if args.child:
         res = child_ours(args) if args.child == "ours" else child_exact(args)

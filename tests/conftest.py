@@ -20,6 +20,19 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _eval_decode_cache(tmp_path_factory):
+    """Evaluations in tests use a session folder as their decode cache (benchmark/decode_cache.py), never the
+    user's ~/.cache/curate/eval (subprocesses inherit it through the environment)."""
+    old = os.environ.get("CURATE_EVAL_CACHE")
+    os.environ["CURATE_EVAL_CACHE"] = str(tmp_path_factory.mktemp("eval_decode_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CURATE_EVAL_CACHE", None)
+    else:
+        os.environ["CURATE_EVAL_CACHE"] = old
+
+
 @pytest.fixture
 def serve_dir():
     """Factory: `base_url = serve_dir(path)` serves path/www until the test ends."""

@@ -25,8 +25,20 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image (the message is the reason recorded in outputs)."""
 
 
-def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Bytes -> RGB PIL image, or ImageDecodeError whose message is a short, recordable reason."""
+def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None):
+    """Bytes -> RGB PIL image, or ImageDecodeError whose message is a short, recordable reason.
+
+    `draft_size` S (optional) lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's
+    ``Image.draft``) when both sides stay >= S at that scale; other formats, and JPEGs under 2S on a side,
+    decode in full. The result is not the full-size image, so pass it only when the caller shrinks the
+    image to a shortest side <= S next anyway (a CLIP eval transform: resize shortest side to S, center
+    crop): then the decoded image is still at least as large as what the resize produces, the resize only
+    ever shrinks, the geometry is the same up to rounding of the reduced size (ceil(side / scale)), and
+    only the pixel filter differs (DCT scaling + the resize instead of the resize alone). That costs up to
+    4x less CPU for the decode and, mostly, the resize of a large image; how far the embeddings move is
+    measured in perf/RESULTS.md ("Embedding vs the pipeline limit"). The pixel cap applies to the full
+    size in the header, before anything is decoded.
+    """
     from PIL import Image
 
     if not data:
@@ -36,6 +48,8 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
         w, h = img.size
         if w * h > max_pixels:
             raise ImageDecodeError(f"image is {w}x{h} pixels, over the cap of {max_pixels}")
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))  # a no-op unless both sides are >= 2 * draft_size
         img.load()
         return img.convert("RGB")
     except ImageDecodeError:

@@ -20,6 +20,9 @@ How the work is laid out (why it is fast):
     torch DataLoader worker processes (one shard per worker; 1 on CPU, 4 on GPU), overlapping the
     forward pass; a thread-pool mode exists too (`--decode thread`) and was measured against it in
     perf/bench_embed.py;
+  * JPEGs decode at reduced scale (PIL draft, libjpeg's DCT scaling) when the model's preprocessing
+    shrinks them to its input size anyway (`draft_side`; `--full-decode` turns it off); on 256-512 px
+    images that removes most of the decode + resize CPU, which is what bounds embedding on CPU;
   * torch.inference_mode, channels_last on CPU, fp16 autocast on CUDA (curate.clip.models.autocast);
   * text is encoded only up to the longest caption of the batch instead of the model's full context
     (exact for causal, argmax-pooled CLIP text towers: padding after the end token cannot influence
@@ -66,7 +69,11 @@ class EmbedConfig:
     torch DataLoader with `loader_workers` worker processes; the default), "thread" (a background
     thread with `loader_workers` decode threads), "inline" (no overlap); "auto" = process.
     `loader_workers` None: 1 process on CPU (the best of the modes in perf/RESULTS.md on 2 cores),
-    4 on GPU, 2 threads.
+    4 on GPU, 2 threads. `jpeg_draft` lets JPEGs decode at reduced scale where the model's preprocessing
+    resizes them down anyway (see `draft_side`); False decodes every image at full size.
+    `model_threads` None: on CPU in process mode the model gets the threads the loader processes leave
+    (torch's intra-op threads - loader_workers, at least 1): measured on 2 idle cores it runs 1.5x faster than letting torch's
+    two intra-op threads contend with the loader process (perf/RESULTS.md, "Embedding vs the pipeline limit").
     """
 
     pool: Path
@@ -81,6 +88,8 @@ class EmbedConfig:
     cpus_per_worker: int = 2
     shards: list[int] | None = None
     max_pixels: int = MAX_IMAGE_PIXELS
+    jpeg_draft: bool = True
+    model_threads: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -151,6 +160,28 @@ def load_jobs(shards: list[Shard]) -> list[ShardJob]:
     return jobs
 
 
+def draft_side(preprocess) -> int | None:
+    """The side S to pass `decode_image(draft_size=S)` for this preprocess, or None when drafting is unsafe.
+
+    Safe only when the transform starts by resizing the shortest side to S (open_clip's eval transform:
+    Resize(S) then CenterCrop(S)): a JPEG drafted with S keeps both sides >= S, so that resize still only
+    shrinks and the crop sees the same region; only the resampling filter differs (measured in
+    perf/RESULTS.md, "Embedding vs the pipeline limit"). Any other first step (an exact (h, w) resize, a
+    max_size, open_clip's keep-ratio or longest-side resizes, a custom transform) gets None: full decode.
+    """
+    from torchvision import transforms as T
+
+    steps = getattr(preprocess, "transforms", None)
+    if not steps or type(steps[0]) is not T.Resize or steps[0].max_size is not None:
+        return None
+    size = steps[0].size
+    if isinstance(size, (list, tuple)):
+        if len(size) != 1:
+            return None
+        size = size[0]
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
 class ShardBatches:
     """Iterable over batches of decoded, preprocessed images and tokenized captions for shards.
 
@@ -160,9 +191,10 @@ class ShardBatches:
     """
 
     def __init__(self, jobs: list[ShardJob], preprocess, tokenizer, batch_size: int, max_pixels: int,
-                 threads: int = 0):
+                 threads: int = 0, draft_size: int | None = None):
         self.jobs, self.preprocess, self.tokenizer = jobs, preprocess, tokenizer
         self.batch_size, self.max_pixels, self.threads = batch_size, max_pixels, threads
+        self.draft_size = draft_size  # decode_image's draft_size: from draft_side(preprocess), or None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import torch
@@ -227,7 +259,7 @@ class ShardBatches:
     def _prepare(self, data: bytes):
         """bytes -> (tensor, None) or (None, reason); PIL and torchvision release the GIL while working."""
         try:
-            return self.preprocess(decode_image(data, self.max_pixels)), None
+            return self.preprocess(decode_image(data, self.max_pixels, self.draft_size)), None
         except ImageDecodeError as e:
             return None, str(e)
         except Exception as e:  # a transform failing on a decodable but odd image
@@ -335,6 +367,7 @@ class Embedder:
     def __init__(self, cfg: EmbedConfig, mid: str):
         self.cfg, self.mid = cfg, mid
         self.loaded = None
+        self.draft: int | None = None  # the draft side the last run decoded with (None: full decode)
 
     def setup(self) -> None:
         import torch
@@ -377,8 +410,9 @@ class Embedder:
         nw = self.cfg.loader_workers
         if nw is None:
             nw = 4 if gpu else (1 if mode == "process" else 2)
+        draft = self.draft = draft_side(self.loaded.preprocess) if self.cfg.jpeg_draft else None
         batches = ShardBatches(jobs, self.loaded.preprocess, self.loaded.tokenizer, self.cfg.batch_size,
-                               self.cfg.max_pixels, threads=nw if mode == "thread" else 0)
+                               self.cfg.max_pixels, threads=nw if mode == "thread" else 0, draft_size=draft)
         if mode == "process" and nw > 0:
             loader = torch.utils.data.DataLoader(
                 _iterable_dataset(batches), batch_size=None, num_workers=min(nw, len(jobs)),
@@ -388,6 +422,22 @@ class Embedder:
             loader = _prefetch(batches, depth=2)
         else:
             loader = batches
+        threads = self.cfg.model_threads
+        old_threads = torch.get_num_threads()
+        if threads is None and not gpu and mode == "process" and nw > 0:
+            # torch's intra-op threads (one per core, or what Ray / OMP_NUM_THREADS allows) minus the loader
+            # processes, so the model and the decoders do not contend for the same cores
+            threads = max(1, old_threads - min(nw, len(jobs)))
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return self._run(loader, jobs, on_shard_done, progress)
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _run(self, loader, jobs: list[ShardJob], on_shard_done, progress) -> list[dict]:
+        import numpy as np
+
         by_index = {j.shard.index: j for j in jobs}
         state: dict[int, dict] = {}
         results = []
@@ -453,6 +503,7 @@ class Embedder:
             "curate.pretrained": self.cfg.pretrained or "",
             "curate.dims": str(d),
             "curate.shard": str(job.shard.index),
+            "curate.decode": f"jpeg-draft-{self.draft}" if self.draft else "full",
             **shard_fingerprint(job.shard),
         }
         table = table.replace_schema_metadata(md)
@@ -599,13 +650,16 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
 @click.option("--loader-workers", default=None, type=int,
               help="Decode processes (or threads) per model process [default: 1 process on CPU, 4 on GPU, "
                    "2 threads].")
+@click.option("--full-decode", is_flag=True,
+              help="Decode every JPEG at full size (default: at reduced scale where the model's preprocessing "
+                   "shrinks it anyway, which is most of the CPU cost; see perf/RESULTS.md).")
 @click.option("--cpus-per-worker", default=2, show_default=True, type=int, help="CPUs per Ray actor (CPU runs).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="auto uses CUDA when available.")
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster (e.g. 'auto' or 'ray://host:10001').")
 @click.option("--shard", "shards", multiple=True, type=int, help="Only these shard numbers (repeatable).")
-def embed_cmd(pool, model, pretrained, batch_size, workers, decode, loader_workers, cpus_per_worker, device,
-              ray_address, shards):
+def embed_cmd(pool, model, pretrained, batch_size, workers, decode, loader_workers, full_decode, cpus_per_worker,
+              device, ray_address, shards):
     """Compute open_clip image and text embeddings and CLIP scores for every successful pool row.
 
     Writes POOL/embeddings/<model-id>/{shard}.parquet (uid, image_emb, text_emb, clip_score, error),
@@ -617,7 +671,8 @@ def embed_cmd(pool, model, pretrained, batch_size, workers, decode, loader_worke
     import sys
 
     cfg = EmbedConfig(pool=pool, model=model, pretrained=pretrained, batch_size=batch_size, workers=workers,
-                      loader_workers=loader_workers, decode=decode, device=device, ray_address=ray_address,
+                      loader_workers=loader_workers, decode=decode, jpeg_draft=not full_decode, device=device,
+                      ray_address=ray_address,
                       cpus_per_worker=cpus_per_worker, shards=list(shards) or None, progress=sys.stderr.isatty())
     s = embed(cfg)
     if s["up_to_date"]:

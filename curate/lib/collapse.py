@@ -33,7 +33,7 @@ SAMPLE_ROWS = 4096
 def collapse_stats(x: np.ndarray, seed: int = 0, sample: int = SAMPLE_ROWS) -> dict:
     """{n, sampled, mean_cosine, participation_ratio} of the rows of `x` on a seeded sample (rows with NaN
     dropped). The sample is drawn first, so a 12.8M-row pool costs no pool-sized temporary."""
-    x = np.asarray(x)
+    x = x if hasattr(x, "shape") else np.asarray(x)  # arrays, or row readers such as faiss_index.UnitRows
     n = len(x)
     idx = np.arange(n) if n <= sample else np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
     u = np.asarray(x[idx], dtype=np.float64).reshape(len(idx), -1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 import time
@@ -57,6 +58,7 @@ OPTIONAL_COLUMNS = ("face_bboxes",)
 # DataComp prefix -> (open_clip architecture, score column). Both are OpenAI's weights.
 MODELS = {"b32": ("ViT-B-32", "clip_b32_similarity_score"), "l14": ("ViT-L-14", "clip_l14_similarity_score")}
 PUBLISHED_DIMS = {"b32": 512, "l14": 768}
+GATHER_ROWS = 65_536  # rows of an npz member converted to float32 at a time (`batch_vectors`)
 
 
 # ---------------------------------------------------------------- npz members, memory-mapped
@@ -150,10 +152,17 @@ def batch_vectors(table, kind: str) -> np.ndarray:
         if len(r) and (r.max() >= arr.shape[0] or r.min() < 0):
             raise CurateError(f"{s}: row {int(r.max())} requested but {key!r} has {arr.shape[0]} rows")
         order = np.argsort(r, kind="stable")
-        vec = np.asarray(arr[r[order]], dtype=np.float32)
         if out is None:
             out = np.full((n, arr.shape[1]), np.nan, np.float32)
-        out[sel[order]] = vec
+        # a chunk of rows at a time: float16 -> float32 on assignment, no file-sized temporaries (issue 20)
+        for c in range(0, len(order), GATHER_ROWS):
+            o = order[c:c + GATHER_ROWS]
+            out[sel[o]] = arr[r[o]]
+        # the member's pages stay in the page cache; drop them from this process's RSS once read (1 GiB per
+        # 1M x 512 float16). numpy's memmap keeps its mmap as `_mmap`; no madvise on Windows.
+        mm = getattr(arr, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
     return out
 
 

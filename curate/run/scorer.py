@@ -12,20 +12,21 @@ open_clip checkpoint, usable as ``curate embed --model curate-tiny --pretrained 
 
 Variants (``--variant``):
 
-- ``contrastive`` (default, the demo's): the DFN-style CLIP above, trained on every trusted row.
+- ``contrastive`` (default): the DFN-style CLIP above, trained on every trusted row.
 - ``bootstrap`` (BLIP's CapFilt bootstrapping, DFN's "train the filter on high-quality data"): stage 1 pretrains
   the tiny CLIP on every downloaded pool row (noisy), stage 2 fine-tunes that checkpoint on the trusted subset
   (`benchmark.train.TrainConfig.init_checkpoint`). Both stages are unofficial runs of the scale with their own
   samples seen (`pretrain_samples`, `finetune_samples`: 5/7 and 2/7 of the scale's, i.e. 64,000 + 25,600 at
   ``tiny``, the tiny scale's 89,600 in all: ~7.5 minutes at ~200 samples/s on 2 idle cores).
 - ``itm``: bootstrap, then an image-text matching head trained with hard negatives on the frozen embeddings of
-  the bootstrapped encoder (curate/run/itm.py says how and how it differs from BLIP's fusion-encoder ITM). It
-  writes ``itm_score`` for every pool row under POOL/embeddings/<arch>-itm__<hash>/ (docs/FORMATS.md "Scores"),
-  which the ``score`` filter selects by name.
+  the bootstrapped encoder, plus neighbourhood-agreement features computed on the pool's non-held-out rows
+  (curate/run/itm.py says how and how it differs from BLIP's fusion-encoder ITM). It writes ``itm_score`` for
+  every pool row under POOL/embeddings/<arch>-itm__<hash>/ (docs/FORMATS.md "Scores"), which the ``score``
+  filter selects by name. `curate demo` trains this variant.
 
 **Held-out rows.** ``bootstrap`` and ``itm`` leave a fixed, uid-defined fifth of the pool out of every training
 stage (`HELDOUT_RULE`: ``int(sha256(uid)[:16], 16) % 5 == 0``), so the report's ROC AUCs are measured on pool rows
-no stage saw. ``contrastive`` keeps its old behaviour (every trusted row; the demo's outputs are unchanged) and
+no stage saw. ``contrastive`` keeps its old behaviour (every trusted row; earlier results stay reproducible) and
 its report says that its held-out rows were not held out of training.
 
 **Trusted subset.** By default (the small / full pools) the rows of `--source` sources with truth.parquet noise
@@ -238,7 +239,7 @@ def train_scorer(cfg: ScorerConfig) -> dict:
 
 
 def _train_contrastive(cfg: ScorerConfig) -> dict:
-    """Today's scorer: CLIP on every trusted row (held-out rows included; unchanged for the demo)."""
+    """The first scorer: CLIP on every trusted row (held-out rows included, as before the held-out rule)."""
     truth = Path(cfg.truth) if cfg.truth else find_truth(cfg.pool)
     if cfg.trusted is not None:
         return _train_contrastive_on(cfg, truth, *trusted_uids_from_file(cfg.pool, cfg.trusted),
@@ -429,9 +430,16 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
     rows = np.flatnonzero(np.fromiter((u in train_set for u in flat), bool, count=len(flat)) & valid)
     if len(rows) < 16:
         raise CurateError(f"{cfg.pool}: only {len(rows)} trusted rows have embeddings; too few to train the ITM head")
-    meta = pq.read_table(cfg.pool / "metadata", columns=["uid", "text", "status"])
-    text_of = {u: t for u, t, st in zip(meta["uid"].to_pylist(), meta["text"].to_pylist(), meta["status"].to_pylist())
-               if st == "success"}
+    meta = pq.read_table(cfg.pool / "metadata", columns=["uid", "text", "status", "sha256"])
+    text_of, sha_of = {}, {}
+    for u, t, st, h in zip(meta["uid"].to_pylist(), meta["text"].to_pylist(), meta["status"].to_pylist(),
+                           meta["sha256"].to_pylist()):
+        if st == "success":
+            text_of[u], sha_of[u] = t, h
+    nb = None
+    if icfg.neighbours > 0:  # reference rows: outside the held-out fifth (see itm.py "Neighbourhood agreement")
+        ref = np.flatnonzero(valid & ~is_heldout(list(flat)))
+        nb = itm.neighbourhood(img, txt, ref, [sha_of.get(u) or u for u in flat], icfg.neighbours, seed=icfg.seed)
     digest = hashlib.sha256("\n".join(sorted(flat[rows])).encode() + json.dumps(asdict(icfg), sort_keys=True).encode()
                             + s["model_id"].encode()).hexdigest()
     old = None
@@ -443,15 +451,18 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
     if old is not None and old.get("train_digest") == digest:
         state, stats, up = old["state_dict"], old["stats"], True
     else:
-        state, stats = itm.train_head(img[rows], txt[rows], [text_of.get(u, "") for u in flat[rows]], icfg)
+        state, stats = itm.train_head(img[rows], txt[rows], [text_of.get(u, "") for u in flat[rows]], icfg,
+                                      nb=nb, rows=rows)
         from curate.core.atomic import atomic_path
 
         with atomic_path(cfg.head_path, suffix=".pt") as tmp:
             torch.save({"state_dict": state, "config": asdict(icfg), "dims": int(img.shape[1]),
-                        "embeddings_model_id": s["model_id"], "features": "[i, t, i*t, |i-t|]", "stats": stats,
+                        "embeddings_model_id": s["model_id"], "stats": stats,
+                        "features": "[i, t, i*t, |i-t|]" + (f" + {list(itm.AGREEMENT_FEATURES)}" if nb else ""),
                         "train_digest": digest}, tmp)
         up = False
-    sc = itm.score(state, img.shape[1], icfg.hidden, img, txt)
+    agree = None if nb is None else itm.agreement(nb, np.arange(len(flat)), np.arange(len(flat)))
+    sc = itm.score(state, img.shape[1], icfg.hidden, img, txt, agree)
     sid = itm.scores_id(s["arch"], cfg.head_path)
     folder = itm.write_scores(cfg.pool, sid, files, uids, {itm.SCORE_COLUMN: sc},
                               {"curate.embeddings_model_id": s["model_id"], "curate.scorer": str(cfg.head_path)})

@@ -273,6 +273,55 @@ def test_thread_process_and_inline_decode_write_identical_files(tmp_path, ckpt):
     assert digests["inline"] == digests["thread"] == digests["process"]
 
 
+# How far the JPEG draft decode (the default) may move an image embedding from the full decode's, in 1 - cosine:
+# perf/RESULTS.md "Embedding vs the pipeline limit" measures it on this pool's images and on real photographs.
+DRAFT_TOL = 1e-2
+
+
+def test_jpeg_draft_decode_stays_within_tolerance_of_full_decode(tmp_path, ckpt):
+    from curate.clip.models import load_model
+    from curate.embed.stage import draft_side
+
+    # 256 px JPEGs for a 64 px model: the draft decodes them at 1/2 or 1/4 scale, so the two runs really differ
+    fp = make_pool(tmp_path / "draft", n_shards=1, per_shard=12, corrupt=1, failed=1, image_size=256)
+    shutil.copytree(fp.pool, tmp_path / "full")
+    side = draft_side(load_model(ARCH, str(ckpt), "cpu").preprocess)
+    assert side == 64
+    good = [b for u, b in fp.image_bytes().items() if u not in fp.corrupt_uids]
+    assert all(pool_io.decode_image(b, draft_size=side).size != pool_io.decode_image(b).size for b in good)
+    out = {}
+    for name, draft in (("draft", True), ("full", False)):
+        s = embed(EmbedConfig(pool=tmp_path / name, model=ARCH, pretrained=str(ckpt), batch_size=5, jpeg_draft=draft,
+                              decode="inline", progress=False))
+        assert (s["rows"], s["errors"]) == (11, 1)
+        f = Path(s["out_dir"]) / "00000000.parquet"
+        md = {k.decode(): v.decode() for k, v in pq.read_schema(f).metadata.items()}
+        assert md["curate.decode"] == ("jpeg-draft-64" if draft else "full")
+        out[name] = _read(f)
+    assert out["draft"]["uid"] == out["full"]["uid"] and out["draft"]["error"] == out["full"]["error"]
+    assert out["draft"]["text_emb"] == out["full"]["text_emb"]
+    ok = [i for i, e in enumerate(out["full"]["error"]) if e is None]
+    a = np.array([out["draft"]["image_emb"][i] for i in ok], dtype=np.float32)
+    b = np.array([out["full"]["image_emb"][i] for i in ok], dtype=np.float32)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert (1 - cos).max() < DRAFT_TOL
+    assert not np.array_equal(a, b)  # the draft path ran: reduced decode does move the vectors a little
+
+
+def test_draft_side_only_for_a_shortest_side_resize():
+    from torchvision import transforms as T
+
+    from curate.embed.stage import draft_side
+
+    norm = T.Normalize((0.5,) * 3, (0.5,) * 3)
+    assert draft_side(T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), norm])) == 224
+    assert draft_side(T.Compose([T.Resize([96]), T.CenterCrop(96)])) == 96
+    assert draft_side(T.Compose([T.Resize((64, 64)), T.ToTensor()])) is None  # exact (h, w): not handled, full decode
+    assert draft_side(T.Compose([T.Resize(64, max_size=80)])) is None
+    assert draft_side(T.Compose([T.CenterCrop(64), T.Resize(64)])) is None
+    assert draft_side(lambda img: img) is None
+
+
 def test_damaged_tar_and_missing_samples_are_recorded_not_fatal(tmp_path, ckpt):
     fp = make_pool(tmp_path / "pool", n_shards=2, per_shard=10, corrupt=0, failed=0)
     tar = fp.pool / "shards" / "00000000.tar"

@@ -303,3 +303,69 @@ def test_gpu_index_is_used_when_faiss_sees_a_gpu(monkeypatch):
         assert set(zip(i.tolist(), j.tolist())) == {(min(a, b), max(a, b)) for a, b in zip(src, dst)}
     finally:
         faiss_index._gpu_resources.cache_clear()
+
+
+# ---------------------------------------------------------------- memory-bounded paths (issue 20, item 4)
+
+def test_unit_rows_read_exactly_what_normalise_returns():
+    """The rows normalised as they are read equal filters.common.normalise's copy bit for bit, NaN and zero rows
+    included, for slices, index arrays, subsets and float16 input."""
+    from filters.common import normalise
+
+    rng = np.random.default_rng(20)
+    raw = (rng.standard_normal((500, D)) * rng.uniform(0.1, 5, (500, 1))).astype(np.float32)
+    raw[3], raw[7] = np.nan, 0.0
+    for x in (raw, raw.astype(np.float16)):
+        ref, ok = normalise(x)
+        rows = faiss_index.UnitRows(x)
+        assert np.array_equal(rows.ok, ok)
+        assert np.array_equal(rows[:], ref) and np.array_equal(rows[10:20], ref[10:20])
+        idx = np.array([7, 3, 499, 0, 0])
+        assert np.array_equal(rows[idx], ref[idx])
+        sub = rows.subset(np.flatnonzero(ok)[::3])
+        assert len(sub) == len(np.flatnonzero(ok)[::3]) and np.array_equal(sub[:], ref[ok][::3])
+        assert np.array_equal(sub.subset([1, 0])[:], ref[ok][::3][[1, 0]])
+        got = np.concatenate([block for _, _, block in rows.chunks(64)])
+        assert np.array_equal(got, ref)
+    # collapse statistics read the same sample through it
+    from curate.lib import collapse
+
+    assert collapse.collapse_stats(faiss_index.UnitRows(raw).subset(np.flatnonzero(ok))) == \
+        collapse.collapse_stats(normalise(raw)[0][ok])
+
+
+def test_ivf_self_knn_equals_a_filled_index_searched_by_big_batch_search():
+    """The self-join reading each cell's members from the caller's matrix returns what the previous method
+    (an IndexIVFFlat holding a copy of every vector, searched by faiss.contrib.big_batch_search with the
+    same cell assignment) returns: the same neighbours at the same similarities."""
+    from faiss.contrib.big_batch_search import big_batch_search
+
+    rng = np.random.default_rng(21)
+    x, _, _ = planted(4000, 50, rng)
+    choice = faiss_index.choose_index(len(x), "ivf")
+    assert choice.nlist > 16
+    sims, ids = faiss_index.ivf_self_knn(x, choice, 8, seed=0)
+    index = faiss_index.build_index(x, choice, seed=0)
+    assign = faiss_index.assign_cells(index, x, choice.nprobe)
+    ref_d, ref_i = big_batch_search(index, x, 8, method="pairwise_distances", q_assign=assign)
+    assert np.array_equal(ids, ref_i) and np.array_equal(sims, ref_d)
+
+
+def test_chunked_reads_give_the_same_decisions(monkeypatch):
+    """Dedup on an IVF-sized planted set with tiny read chunks decides exactly as with the default chunks:
+    same kept rows, scores and reasons; the planted pairs found (recall >= 0.99), nothing else dropped."""
+    rng = np.random.default_rng(22)
+    x, src, dst = planted(faiss_index.BIG_BATCH_MIN + 1000, 150, rng)
+    x = x * rng.uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)  # not unit length: normalised as read
+    x[5] = np.nan
+    batch = make_batch(x)
+    ref, f = run(batch, threshold=0.95)
+    assert f.last_index.kind == "ivf"
+    monkeypatch.setattr(faiss_index, "ROW_CHUNK", 1000)
+    got, _ = run(batch, threshold=0.95)
+    assert np.array_equal(got.keep, ref.keep) and list(got.reason) == list(ref.reason)
+    assert np.array_equal(got.score, ref.score, equal_nan=True)
+    keep = ref.keep
+    assert np.mean([keep[a] != keep[b] for a, b in zip(src, dst) if 5 not in (a, b)]) >= 0.99  # IVF recall
+    planted_rows = set(src.tolist()) | set(dst.tolist())
+    assert {int(r) for r in np.flatnonzero(~keep)} <= planted_rows

@@ -187,3 +187,34 @@ def test_score_auc_per_kind_on_held_out_rows_with_a_known_answer(tmp_path):
     assert score_auc(tmp_path / "pool", "m-itm__x", truth, column="itm_score", heldout_only=False)["rows"] == 11
     with pytest.raises(CurateError, match="no column 'clip_score'"):
         score_auc(tmp_path / "pool", "m-itm__x", truth, column="clip_score")
+
+
+def test_agreement_features_per_pair_exclude_the_pair_rows_and_identical_images():
+    """A caption agrees with its image's neighbours' captions and a swapped one does not; the pair's own rows and
+    byte-identical images never count as neighbours; held-out rows are not in the reference set."""
+    from curate.run import itm
+
+    rng = np.random.default_rng(0)
+    concepts = rng.standard_normal((4, 16)).astype(np.float32)
+    c = np.repeat(np.arange(4), 5)  # 4 concepts x 5 rows
+    img = concepts[c] + 0.1 * rng.standard_normal((20, 16)).astype(np.float32)
+    txt = concepts[c] @ rng.standard_normal((16, 16)).astype(np.float32) + 0.1 * rng.standard_normal((20, 16)).astype(np.float32)
+    sha = [f"s{i}" for i in range(20)]
+    sha[1] = sha[0]  # rows 0 and 1: the same image file
+    ref = np.arange(20) != 19  # row 19 held out of the reference set
+    nb = itm.neighbourhood(img, txt, np.flatnonzero(ref), sha, k=3)
+    assert not (nb.image_nn == 19).any() and not (nb.caption_nn == 19).any()
+    rows = np.arange(20)
+    own = itm.agreement(nb, rows, rows)
+    swapped = itm.agreement(nb, rows, (rows + 5) % 20)  # every caption from another concept
+    assert own.shape == (20, len(itm.AGREEMENT_FEATURES))
+    assert (own > swapped).all()  # every feature, every row
+    # what row 0's features were built from: not itself, not row 1 (same sha256), its concept's other rows
+    tn, im = itm.unit(txt), itm.unit(img)
+    nearest = max((2, 3, 4), key=lambda j: float(im[0] @ im[j]))  # top-1: the caption of the nearest image
+    assert own[0, 0] == pytest.approx(float(tn[0] @ tn[nearest]), abs=1e-5)
+    assert own[0, 1] == pytest.approx(float(np.mean([tn[0] @ tn[j] for j in (2, 3, 4)])), abs=1e-5)
+    # a pair built from rows 5 and 6 excludes both rows from both neighbour lists
+    a = itm.agreement(nb, np.array([5]), np.array([6]))
+    want = np.mean([tn[6] @ tn[j] for j in (7, 8, 9)])
+    assert a[0, 1] == pytest.approx(float(want), abs=1e-5)

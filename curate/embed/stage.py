@@ -74,6 +74,8 @@ class EmbedConfig:
     `model_threads` None: on CPU in process mode the model gets the threads the loader processes leave
     (torch's intra-op threads - loader_workers, at least 1): measured on 2 idle cores it runs 1.5x faster than letting torch's
     two intra-op threads contend with the loader process (perf/RESULTS.md, "Embedding vs the pipeline limit").
+    Float results can differ in the last bit between thread counts, so a resumed run that must give
+    byte-identical files uses the same `decode` / `loader_workers` / `model_threads` as the run it resumes.
     """
 
     pool: Path

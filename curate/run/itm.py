@@ -82,20 +82,14 @@ class Neighbourhood:
     k: int
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows L2-normalised (float32), missing (NaN) rows as zeros."""
-    x = np.nan_to_num(np.asarray(x, np.float32))
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(n > 0, n, 1.0)
-
-
 def neighbourhood(img: np.ndarray, txt: np.ndarray, reference: np.ndarray, image_sha: list, k: int,
                   seed: int = 0) -> Neighbourhood:
     """kNN of every pool row's image among the reference rows' images, and of its caption among theirs
     (`reference`: pool row ids; faiss inner product on unit vectors)."""
     from curate.lib import faiss_index as fx
+    from filters.common import normalise
 
-    img, txt = unit(img), unit(txt)
+    img, txt = normalise(img)[0], normalise(txt)[0]  # unit rows, missing (NaN) rows as zeros
     reference = np.asarray(reference, np.int64)
     want = min(k + SEARCH_EXTRA, len(reference))
     nn = []

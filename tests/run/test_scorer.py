@@ -210,7 +210,9 @@ def test_agreement_features_per_pair_exclude_the_pair_rows_and_identical_images(
     assert own.shape == (20, len(itm.AGREEMENT_FEATURES))
     assert (own > swapped).all()  # every feature, every row
     # what row 0's features were built from: not itself, not row 1 (same sha256), its concept's other rows
-    tn, im = itm.unit(txt), itm.unit(img)
+    from filters.common import normalise
+
+    tn, im = normalise(txt)[0], normalise(img)[0]
     nearest = max((2, 3, 4), key=lambda j: float(im[0] @ im[j]))  # top-1: the caption of the nearest image
     assert own[0, 0] == pytest.approx(float(tn[0] @ tn[nearest]), abs=1e-5)
     assert own[0, 1] == pytest.approx(float(np.mean([tn[0] @ tn[j] for j in (2, 3, 4)])), abs=1e-5)

@@ -586,9 +586,11 @@ def chance_levels(task: Task, labels: list[int], n_classes: int) -> dict:
     """Expected metrics of a random scorer on the set as built (uniform over its classes / items).
 
     Classification: acc1 = mean_per_class_recall = 1/C, acc5 = 5/C; also the majority-class acc1
-    (what always answering the most common class scores). Retrieval (one caption per image):
-    recall@k = min(k, n)/n both ways. "main" is the value for the task's main metric.
+    (what always answering the most common class scores), mrr = H_C / C. Retrieval (one caption per image):
+    recall@k = min(k, n)/n both ways, mrr = H_n / n. "main" is the value for the task's main metric.
     """
+    from benchmark.metrics import chance_mrr
+
     n = len(labels)
     if task.type == RETRIEVAL:
         out = {}
@@ -596,11 +598,12 @@ def chance_levels(task: Task, labels: list[int], n_classes: int) -> dict:
             r = min(k, n) / n if n else None
             out[f"image_retrieval_recall@{k}"] = out[f"text_retrieval_recall@{k}"] = r
         out["mean_recall@1"] = out["image_retrieval_recall@1"]
+        out["image_retrieval_mrr"] = out["text_retrieval_mrr"] = out["mean_mrr"] = chance_mrr(n) if n else None
     else:
         c = max(1, n_classes)
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=c) if n else np.zeros(c)
         out = {"acc1": 1 / c, "acc5": min(5, c) / c if c >= 5 else None, "mean_per_class_recall": 1 / c,
-               "majority_acc1": float(counts.max() / n) if n else None}
+               "majority_acc1": float(counts.max() / n) if n else None, "mrr": chance_mrr(c)}
     out["main"] = out.get(task.main_metric)
     return out
 

@@ -298,6 +298,7 @@ def eval_classification(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: 
     metrics.update(_group_metrics(task, logits, enc["labels"], enc["meta"]))
     items = {"key": enc["keys"], "target": enc["labels"], "pred": np.argmax(logits, axis=1),
              "rank": M.true_class_rank(logits, enc["labels"])}
+    metrics["mrr"] = M.mean_reciprocal_rank(items["rank"])
     if task.group_field is not None:
         items["group"] = _groups(enc["meta"], task)
     fp = evalset_fingerprint(task, {"classnames": es.classnames, "templates": es.templates},
@@ -318,6 +319,7 @@ def eval_retrieval(lm, task: Task, es: EvalSet, cfg: EvalConfig, progress: bool)
     sim = (T @ enc["features"].T).numpy()
     metrics = M.retrieval_recall(sim, np.asarray(t2i), ks=(1, 5, 10))
     ranks = M.retrieval_ranks(sim, np.asarray(t2i))
+    metrics.update(M.retrieval_mrr_from_ranks(ranks["caption_image_rank"], ranks["image_caption_rank"]))
     n_caps = np.asarray([len(c) for c in enc["captions"]], dtype=np.int64)
     items = {"key": enc["keys"], "n_captions": n_caps, "text_rank": ranks["image_caption_rank"],
              "caption_ranks": (ranks["caption_image_rank"], n_caps)}
@@ -548,20 +550,26 @@ def main_metric_cells(task: Task, items: dict):
 
     mm = task.main_metric
     if task.type == RETRIEVAL:
-        if mm != "mean_recall@1":
+        if mm not in ("mean_recall@1", "mean_mrr"):
             raise CurateError(f"{task.key}: no item statistic for main metric {mm!r}")
+        cr, tr = items["caption_ranks"], items["text_rank"]
+        if mm == "mean_recall@1":
+            per_caption, per_image = (cr < 1).astype(np.int64), (tr >= 0) & (tr < 1)
+        else:  # reciprocal ranks: the same image-unit statistic over 1/(rank+1) instead of 0/1 hits
+            per_caption, per_image = 1.0 / (cr + 1.0), np.where(tr >= 0, 1.0 / (np.maximum(tr, 0) + 1.0), 0.0)
         bounds = np.concatenate([[0], np.cumsum(items["n_captions"])])
-        hits = np.add.reduceat((items["caption_ranks"] < 1).astype(np.int64), bounds[:-1]) \
-            if len(items["caption_ranks"]) else np.zeros(len(bounds) - 1, dtype=np.int64)
+        hits = np.add.reduceat(per_caption, bounds[:-1]) \
+            if len(cr) else np.zeros(len(bounds) - 1, dtype=np.int64)
         hits = np.where(items["n_captions"] > 0, hits, 0)  # reduceat repeats a value at an empty segment
-        image_hit = (items["text_rank"] >= 0) & (items["text_rank"] < 1)
-        return S.RetrievalRecall("mean"), np.c_[items["n_captions"], hits, image_hit]
+        return S.RetrievalRecall("mean"), np.c_[items["n_captions"], hits, per_image]
     if task.type == WINOGAVIL:
         if mm != "jaccard_score_10-12":
             raise CurateError(f"{task.key}: no item statistic for main metric {mm!r}")
         return S.SubsetMean(), np.c_[items["n_candidates"] >= 10, items["jaccard"]]
     if mm == "acc1":
         return S.Proportion(), (items["rank"] < 1)[:, None]
+    if mm == "mrr":
+        return S.Mean(), (1.0 / (items["rank"] + 1.0))[:, None]
     if mm == "mean_per_class_recall":
         return S.MeanPerClassRecall(), np.c_[items["target"], items["rank"] < 1]
     if mm == "F1-macro_all":
@@ -578,13 +586,14 @@ def metrics_from_items(task: Task, items: dict, meta: dict) -> dict:
     is what lets a verifier or a bootstrap trust the item files.
     """
     if task.type == RETRIEVAL:
-        return M.retrieval_recall_from_ranks(items["caption_ranks"], items["text_rank"], ks=(1, 5, 10))
+        return {**M.retrieval_recall_from_ranks(items["caption_ranks"], items["text_rank"], ks=(1, 5, 10)),
+                **M.retrieval_mrr_from_ranks(items["caption_ranks"], items["text_rank"])}
     if task.type == WINOGAVIL:
         return M.winogavil_summary(items["jaccard"], items["n_candidates"])
     target, pred, rank = items["target"], items["pred"], items["rank"]
     out = {"acc1": float((rank < 1).mean()),
            "acc5": float((rank < 5).mean()) if meta.get("n_classes", 0) >= 5 else None,
-           "mean_per_class_recall": M.mean_per_class_recall(target, pred)}
+           "mean_per_class_recall": M.mean_per_class_recall(target, pred), "mrr": M.mean_reciprocal_rank(rank)}
     if task.type == WILDS and task.main_metric == "F1-macro_all":
         out["F1-macro_all"] = M.f1_macro(target, pred)
     if task.group_field is not None:

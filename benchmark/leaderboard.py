@@ -139,16 +139,35 @@ def connect(db: Path, read_only: bool = False):
 
 # ----------------------------------------------------------------------------------------------- chance levels
 
+def _chance_from_count(task, mm: str, count: int | None) -> float | None:
+    """A random scorer's main metric from the number of candidates: classes (classification) or images
+    (retrieval, one caption each). None where the metric is not a function of that count."""
+    from benchmark.metrics import chance_mrr
+    from benchmark.tasks import RETRIEVAL, WINOGAVIL
+
+    if not count:
+        return None
+    if task.type == RETRIEVAL:
+        return {"mean_recall@1": 1.0 / count, "mean_mrr": chance_mrr(count)}.get(mm)
+    if task.type == WINOGAVIL:
+        return None
+    if mm in ("acc1", "mean_per_class_recall"):
+        return 1.0 / count
+    return chance_mrr(count) if mm == "mrr" else None
+
+
 def chance_level(key: str, meta: dict | None = None, evalsets_root: Path | None = None) -> float | None:
     """The main metric a random scorer gets on task `key`, where it can be known; None otherwise.
 
     In order: the registry's `random_score` (DataComp's table; Fashion-MNIST and Digits 0.1); from the task's
-    per-item metadata (`n_classes`: 1/C for acc1 and mean per-class recall; retrieval `n` images: recall@1 =
-    1/n both ways); from the built eval set under `evalsets_root` (default benchmark.evalsets's root): its
-    build.json "chance" (suite v2, written by `curate evalsets build-offline`), offline_suite_v2.json, else
-    1/C from classnames.txt or 1/n from build.json's n. The same definition as benchmark.evalsets.chance_levels.
+    per-item metadata (`n_classes`: 1/C for acc1 and mean per-class recall, H_C/C for MRR; retrieval `n`
+    images: recall@1 = 1/n, MRR = H_n/n); from the built eval set under `evalsets_root` (default
+    benchmark.evalsets's root): its build.json "chance" for this metric, else the same formulas from
+    build.json's n or classnames.txt, else the recorded "main" (build.json, offline_suite_v2.json; a set
+    built before its task's main metric changed records the old metric's, so the formulas come first).
+    The same definition as benchmark.evalsets.chance_levels.
     """
-    from benchmark.tasks import RETRIEVAL, TASKS, WINOGAVIL
+    from benchmark.tasks import RETRIEVAL, TASKS
 
     task = TASKS.get(key)
     if task is None or not task.scored:
@@ -156,14 +175,12 @@ def chance_level(key: str, meta: dict | None = None, evalsets_root: Path | None 
     if task.random_score is not None:
         return float(task.random_score)
     mm = task.main_metric
-    uniform = mm in ("acc1", "mean_per_class_recall")
     meta = meta or {}
-    if task.type == RETRIEVAL and mm == "mean_recall@1" and meta.get("n"):
-        return 1.0 / int(meta["n"])
-    if task.type not in (RETRIEVAL, WINOGAVIL) and uniform and meta.get("n_classes"):
-        return 1.0 / int(meta["n_classes"])
-    if task.num_classes and uniform:
-        return 1.0 / task.num_classes
+    got = _chance_from_count(task, mm, meta.get("n") if task.type == RETRIEVAL else meta.get("n_classes"))
+    if got is None and task.type != RETRIEVAL:
+        got = _chance_from_count(task, mm, task.num_classes)
+    if got is not None:
+        return got
     try:
         if evalsets_root is None:
             from benchmark.evalsets import default_evalsets_dir
@@ -171,18 +188,23 @@ def chance_level(key: str, meta: dict | None = None, evalsets_root: Path | None 
             evalsets_root = default_evalsets_dir()
         folder = Path(evalsets_root) / task.folder
         build = json.loads((folder / "build.json").read_text()) if (folder / "build.json").is_file() else {}
-        main = (build.get("chance") or {}).get("main")
+        chance = build.get("chance") or {}
+        if chance.get(mm) is not None:
+            return float(chance[mm])
+        names = folder / "classnames.txt"
+        if task.type == RETRIEVAL:
+            got = _chance_from_count(task, mm, build.get("n"))
+        elif names.is_file():
+            got = _chance_from_count(task, mm, sum(1 for line in names.read_text(encoding="utf-8").splitlines()
+                                                   if line.strip()))
+        if got is not None:
+            return got
+        main = chance.get("main")
         if main is None and (Path(evalsets_root) / "offline_suite_v2.json").is_file():
             suite = json.loads((Path(evalsets_root) / "offline_suite_v2.json").read_text())
             main = (((suite.get("tasks") or {}).get(key) or {}).get("chance") or {}).get("main")
         if main is not None:
             return float(main)
-        if task.type == RETRIEVAL and mm == "mean_recall@1" and build.get("n"):
-            return 1.0 / int(build["n"])
-        names = folder / "classnames.txt"
-        if uniform and task.type != RETRIEVAL and names.is_file():
-            c = sum(1 for line in names.read_text(encoding="utf-8").splitlines() if line.strip())
-            return 1.0 / c if c else None
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     return None

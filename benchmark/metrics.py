@@ -156,6 +156,37 @@ def retrieval_recall_from_ranks(caption_image_rank, image_caption_rank, ks=(1, 5
     return out
 
 
+def mean_reciprocal_rank(ranks) -> float:
+    """Mean over queries of 1 / (rank + 1) (rank 0 = the right answer first); rank -1 (a query without an
+    answer: an image with no caption) counts 0.
+
+    Why suite v2 uses it as its main metric: on the laptop scale's weak models the right answer is rarely first
+    (top-1 sits at a few times chance), but it rises towards the top long before; the reciprocal rank counts
+    that rise, so it carries more of a recipe's effect per item than a 0/1 hit (perf/RESULTS.md, "MRR").
+    """
+    r = _as_np(ranks).astype(np.int64)
+    if not len(r):
+        raise ValueError("mean_reciprocal_rank of no queries")
+    return float(np.where(r >= 0, 1.0 / (np.maximum(r, 0) + 1.0), 0.0).mean())
+
+
+def retrieval_mrr_from_ranks(caption_image_rank, image_caption_rank) -> dict:
+    """Reciprocal-rank retrieval metrics from `retrieval_ranks`' per-query ranks: image_retrieval_mrr (caption
+    queries), text_retrieval_mrr (image queries, best of the image's captions) and their mean, mean_mrr."""
+    img = mean_reciprocal_rank(caption_image_rank)
+    txt = mean_reciprocal_rank(image_caption_rank)
+    return {"image_retrieval_mrr": img, "text_retrieval_mrr": txt, "mean_mrr": 0.5 * (img + txt)}
+
+
+def chance_mrr(n: int) -> float:
+    """Expected reciprocal rank of the one right answer among `n` candidates ranked at random: H_n / n (the
+    rank is uniform on 1..n)."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"chance_mrr needs n >= 1, got {n}")
+    return float((1.0 / np.arange(1, n + 1)).sum() / n)
+
+
 def retrieval_recall(similarity, text_to_image, ks=(1, 5, 10)) -> dict:
     """Image-text retrieval recall@k both ways, as clip_benchmark computes it for DataComp.
 

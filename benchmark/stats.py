@@ -127,6 +127,16 @@ class Proportion(Statistic):
         return (w @ x[:, 0]) / w.sum(axis=1)
 
 
+class Mean(Statistic):
+    """Mean of a per-item value that is not 0/1 (the reciprocal rank of MRR). Columns: (value,)."""
+
+    name, columns = "mean", ("value",)
+
+    def __call__(self, x, w):
+        w = np.asarray(w, dtype=np.float64)
+        return (w @ x[:, 0]) / w.sum(axis=1)
+
+
 class MeanPerClassRecall(Statistic):
     """Balanced accuracy: mean over the classes present (in the resample) of their recall.
     Columns: (true class, correct)."""
@@ -184,8 +194,9 @@ class F1Macro(Statistic):
 
 @dataclass(frozen=True, repr=True)
 class RetrievalRecall(Statistic):
-    """Retrieval recall@k with the image as resampling unit (its captions travel with it).
-    Columns: (captions of the image, captions whose query ranked the image < k, image query hit@k).
+    """Retrieval recall@k (or MRR) with the image as resampling unit (its captions travel with it).
+    Columns: (captions of the image, captions whose query ranked the image < k, image query hit@k); for MRR the
+    hits are reciprocal ranks (their sum over the image's captions, the image query's 1/(rank+1)).
     which = "mean" (DataComp's mean_recall@1: mean of both ways), "image" (text->image) or "text"."""
 
     which: str = "mean"

@@ -138,23 +138,10 @@ def _main(r: dict):
 
 
 def chance_levels(evalsets: Path, keys: list[str]) -> dict[str, float | None]:
-    """Each task's chance level as computed from its built set (build.json `chance`), None when not recorded."""
-    from benchmark.tasks import TASKS
+    """Each task's chance level for its main metric, from its built set (benchmark.leaderboard.chance_level)."""
+    from benchmark.leaderboard import chance_level
 
-    out: dict[str, float | None] = {}
-    for k in keys:
-        bj = evalsets / TASKS[k].folder / "build.json"
-        c = None
-        if bj.is_file():
-            try:
-                c = json.loads(bj.read_text()).get("chance")
-            except ValueError:
-                c = None
-            c = c.get("main") if isinstance(c, dict) else c
-        if c is None and TASKS[k].random_score:
-            c = TASKS[k].random_score
-        out[k] = None if c is None else float(c)
-    return out
+    return {k: chance_level(k, evalsets_root=evalsets) for k in keys}
 
 
 def item_intervals(run: Path, level: float = 0.95) -> dict[str, dict]:

@@ -84,43 +84,52 @@ def design(cal: dict) -> dict:
     return d
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="the first run's work folder (pool, subsets, evalsets)")
-    ap.add_argument("--report", type=Path, default=REPORT)
-    ap.add_argument("--report-only", action="store_true", help="recompute the analysis from finished cells")
-    args = ap.parse_args(argv)
-    work = args.work.absolute()
-    report = json.loads(args.report.read_text()) if args.report.is_file() else {}
-    d = design(FE.calibration())
-    if not args.report_only:
+def run_design(work: Path, report_path: Path, d: dict, names: tuple[str, ...], comparisons: list[tuple[str, str]],
+               report_only: bool = False, subsets: dict[str, Path] | None = None,
+               seeds: list[int] | None = None) -> dict:
+    """Lock design `d` into the report (a resumed run refuses a changed one), run every (entry, seed) cell not yet
+    done in seed order (`seeds`, default the design's), then analyse `comparisons`. `subsets` gives entries that
+    are neither a control nor no_filter (a recipe's subset, made by the caller)."""
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if not report_only:
         report = FE.lock_design(report, d, NB.git_commit())
-        FE._save(args.report, report)
+        FE._save(report_path, report)
         downloaded = NB.success_uids(work / "pool")
-        subsets: dict[str, Path] = {}
+        subsets = dict(subsets or {})
         for name, (uids, counts) in FE.control_subsets(work / "pool_build" / "truth.parquet", downloaded).items():
-            if name in NAMES:
+            if name in names:
                 NB.write_subset(work / "subsets" / name, uids, work / "pool", name, FE.ENTRIES[name][2], counts)
                 subsets[name] = work / "subsets" / name
                 report.setdefault("controls", {})[name] = counts
-        subsets["no_filter"] = FE.recipe_subset(work, "no_filter", {})
-        for seed in report["preregistration"]["seeds"]:
-            for name in NAMES:
+        if "no_filter" in names:
+            subsets["no_filter"] = FE.recipe_subset(work, "no_filter", {})
+        for seed in seeds or report["preregistration"]["seeds"]:
+            for name in names:
                 cell = f"{name}/{seed}"
                 if cell in report.get("cells", {}):
                     continue
                 rec = NB.run_cell(work, subsets[name], name, seed, report["preregistration"]["suite"]["evaluated"])
                 rec["commit"] = NB.git_commit()
                 report.setdefault("cells", {})[cell] = rec
-                FE._save(args.report, report)
+                FE._save(report_path, report)
                 print(f"{cell}: headline {FE.np_mean(rec, report):.4f}  train {rec['train_seconds']} s  eval "
                       f"{rec['eval_seconds']} s  {rec['cpu_seconds']} CPU-s  load {rec['load_start']}->"
                       f"{rec['load_end']}", flush=True)
     report["entries_table"] = FE.entry_table(report)
-    report["comparisons"] = FE.analyse(report, work, COMPARISONS)
-    FE._save(args.report, report)
+    report["comparisons"] = FE.analyse(report, work, comparisons)
+    FE._save(report_path, report)
     print(FE.format_tables(report))
     return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="the first run's work folder (pool, subsets, evalsets)")
+    ap.add_argument("--report", type=Path, default=REPORT)
+    ap.add_argument("--report-only", action="store_true", help="recompute the analysis from finished cells")
+    args = ap.parse_args(argv)
+    return run_design(args.work.absolute(), args.report, design(FE.calibration()), NAMES, COMPARISONS,
+                      args.report_only)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,25 @@ def test_the_confirmatory_design_takes_only_large_admitted_tasks_and_fresh_seeds
     cal["runs"][0]["intervals"]["t/small"]["n"] = 10
     with pytest.raises(SystemExit, match="no calibration-admitted task"):
         CE.design(cal)
+
+
+def test_the_mrr_design_uses_calibration_v2_fresh_seeds_and_two_holm_families():
+    """perf/mrr_experiment.py: headline = the v2-admitted tasks with >= 1,000 items; seeds disjoint from every earlier
+    run and calibration; the key and CLIP families are fixed in the design, and a changed design is refused."""
+    from perf import confirm_experiment as CE
+    from perf import mrr_experiment as X
+
+    cal = {"headline_admitted": ["t/big", "t/small"], "rule": "r2", "seeds": [1001], "commit": "c",
+           "runs": [{"intervals": {"t/big": {"n": 1652}, "t/small": {"n": 747}}}]}
+    d = X.design(cal, {"comparisons": {}})
+    assert d["suite"]["headline"] == ["t/big"] and d["suite"]["evaluated"] == ["t/big", "t/small"]
+    earlier = set(FE.PREREGISTRATION["seeds"]) | set(CE.SEEDS) | {1000, 1001}
+    assert not set(d["seeds"]) & earlier and set(d["pass2_seeds"]) <= set(d["seeds"])
+    assert d["families"]["key"] == ["oracle - no_filter", "adversarial - no_filter"]
+    assert d["families"]["clip"] == ["clip_itm_30pct - random", "clip_itm_30pct - no_filter"]
+    report = FE.lock_design({}, d, "abc")
+    with pytest.raises(SystemExit, match="refuses to change"):
+        FE.lock_design(report, X.design(cal, {"comparisons": {"oracle - no_filter": {"diff": 1.0}}}), "abc")
+    cal["runs"][0]["intervals"]["t/big"]["n"] = 999
+    with pytest.raises(SystemExit, match="no admitted task"):
+        X.design(cal, {})

@@ -208,3 +208,22 @@ def test_compare_two_evaluated_runs_item_by_item(world, tmp_path):
     for r in rep["rows"]:
         assert r["low"] is not None and r["low"] <= r["diff"] <= r["high"], r
     assert rep["verdict"].startswith("seed variance unknown (one seed per side): no recipe verdict")
+
+
+@pytest.mark.parametrize("key,mm", [("cifar10", "mrr"), ("retrieval/mscoco_2014_5k_test_image_text_retrieval",
+                                                          "mean_mrr")])
+def test_mrr_item_cells_give_the_reported_mrr(world, key, mm):
+    """Suite v2's main metric (MRR) resamples from the same item files: the cells' estimate is the reported value,
+    and its interval is a bootstrap (not a Wilson interval: reciprocal ranks are not 0/1)."""
+    import dataclasses
+
+    out = world["run"] / "eval_results.jsonl"
+    rec = read_results(out)[key]
+    items, meta = read_items(out, key, model_id=rec["model_id"])
+    task = dataclasses.replace(TASKS[key], main_metric=mm)
+    stat, cols = main_metric_cells(task, items)
+    cells = S.TaskCells.of(stat, cols)
+    assert cells.estimate == pytest.approx(rec["metrics"][mm], abs=1e-12)
+    assert 0 < rec["metrics"][mm] <= 1
+    iv = S.task_interval(cells, seed=0)
+    assert iv.low <= iv.estimate <= iv.high and "bootstrap" in iv.method

@@ -181,3 +181,41 @@ def test_aggregate_with_missing_tasks_is_partial_not_zero():
     present = [results[k]["metrics"][results[k]["main_metric"]] for k in DATACOMP_SCORED[:30]]
     assert agg["average"] == pytest.approx(np.mean(present))
     assert M.datacomp_average({}, DATACOMP_SCORED)["average"] is None
+
+
+def test_mean_reciprocal_rank_hand_case_and_its_chance_level():
+    """MRR (suite v2's main metric): ranks 0, 1, 3 give (1 + 1/2 + 1/4) / 3; a query with no answer (-1) counts
+    0; a random scorer's expected MRR over n candidates is H_n / n, checked against a simulation."""
+    assert M.mean_reciprocal_rank([0, 1, 3]) == pytest.approx((1 + 0.5 + 0.25) / 3)
+    assert M.mean_reciprocal_rank([0, -1]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        M.mean_reciprocal_rank([])
+    assert M.chance_mrr(1) == 1.0 and M.chance_mrr(4) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40_000, 50))
+    target = rng.integers(0, 50, 40_000)
+    sim = M.mean_reciprocal_rank(M.true_class_rank(logits, target))
+    assert sim == pytest.approx(M.chance_mrr(50), rel=0.03)
+    with pytest.raises(ValueError):
+        M.chance_mrr(0)
+
+
+def test_retrieval_mrr_from_ranks_both_ways():
+    r = M.retrieval_mrr_from_ranks([0, 1, 0, 3], [1, -1])
+    assert r["image_retrieval_mrr"] == pytest.approx((1 + 0.5 + 1 + 0.25) / 4)
+    assert r["text_retrieval_mrr"] == pytest.approx(0.25)
+    assert r["mean_mrr"] == pytest.approx(0.5 * (r["image_retrieval_mrr"] + r["text_retrieval_mrr"]))
+
+
+def test_suite_v2_tasks_are_scored_by_mrr_with_a_chance_level_from_the_built_set():
+    from benchmark.evalsets import chance_levels
+    from benchmark.leaderboard import chance_level
+    from benchmark.tasks import SUITE_V2_HEADLINE
+
+    assert {TASKS[k].main_metric for k in SUITE_V2_HEADLINE} == {"mrr", "mean_mrr"}
+    cls, ret = TASKS["offline_v2/emoji_heldout"], TASKS["offline_v2/tuxpaint_heldout"]
+    assert chance_levels(cls, [0, 1, 2, 2], 3)["main"] == pytest.approx(M.chance_mrr(3))
+    assert chance_levels(ret, list(range(7)), 7)["main"] == pytest.approx(M.chance_mrr(7))
+    # from per-item metadata, as the leaderboard reads it
+    assert chance_level(cls.key, {"n_classes": 418}) == pytest.approx(M.chance_mrr(418))
+    assert chance_level(ret.key, {"n": 189}) == pytest.approx(M.chance_mrr(189))

@@ -36,6 +36,7 @@ FLAT_MAX_N rows), seconds at 100k rows.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,6 +260,33 @@ def scores_id(arch: str, head_path: Path) -> str:
     from curate.clip.models import model_id
 
     return model_id(f"{arch}-itm", str(head_path))
+
+
+SCORE_DIGEST_KEY = "curate.score_digest"
+
+
+def score_digest(train_digest: str, embeddings: list[Path], metadata: list[Path]) -> str:
+    """What a scores folder is a function of: the head's training digest and each input file's name, size and
+    mtime (a rewritten input, even an identical one, rescores: conservative and cheap to check)."""
+    h = hashlib.sha256(train_digest.encode())
+    for f in list(embeddings) + list(metadata):
+        st = f.stat()
+        h.update(f"\n{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def scores_current(pool: Path, folder_id: str, files: list[Path], digest: str) -> bool:
+    """True when POOL/embeddings/<folder_id>/ has exactly one scores file per embeddings file, each written for
+    `digest` (read from the parquet footers only)."""
+    folder = Path(pool) / "embeddings" / folder_id
+    have = sorted(p.name for p in folder.glob("*.parquet")) if folder.is_dir() else []
+    if have != sorted(f.name for f in files):
+        return False
+    try:
+        return all((pq.read_schema(folder / name).metadata or {}).get(SCORE_DIGEST_KEY.encode()) == digest.encode()
+                   for name in have)
+    except (OSError, pa.ArrowInvalid):
+        return False
 
 
 def _same_table(path: Path, t: pa.Table) -> bool:

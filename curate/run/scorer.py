@@ -436,10 +436,6 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
                            meta["sha256"].to_pylist()):
         if st == "success":
             text_of[u], sha_of[u] = t, h
-    nb = None
-    if icfg.neighbours > 0:  # reference rows: outside the held-out fifth (see itm.py "Neighbourhood agreement")
-        ref = np.flatnonzero(valid & ~is_heldout(list(flat)))
-        nb = itm.neighbourhood(img, txt, ref, [sha_of.get(u) or u for u in flat], icfg.neighbours, seed=icfg.seed)
     digest = hashlib.sha256("\n".join(sorted(flat[rows])).encode() + json.dumps(asdict(icfg), sort_keys=True).encode()
                             + s["model_id"].encode()).hexdigest()
     old = None
@@ -448,8 +444,21 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
             old = torch.load(cfg.head_path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - a damaged head is retrained
             old = None
-    if old is not None and old.get("train_digest") == digest:
-        state, stats, up = old["state_dict"], old["stats"], True
+    up = old is not None and old.get("train_digest") == digest
+    sid = itm.scores_id(s["arch"], cfg.head_path) if up else None
+    # What the scores are a function of: the head (its training digest), the embeddings files and the pool's
+    # metadata (the agreement features exclude byte-identical neighbours by sha256). When none changed, the
+    # written scores are current and the neighbourhood search and scoring are skipped (a `curate demo` re-run).
+    score_digest = itm.score_digest(digest, files, sorted((cfg.pool / "metadata").glob("*.parquet")))
+    if up and itm.scores_current(cfg.pool, sid, files, score_digest):
+        stats = old["stats"]
+        return _itm_summary(cfg, s, sid, cfg.pool / "embeddings" / sid, stats, icfg, up, t0, scored=False)
+    nb = None
+    if icfg.neighbours > 0:  # reference rows: outside the held-out fifth (see itm.py "Neighbourhood agreement")
+        ref = np.flatnonzero(valid & ~is_heldout(list(flat)))
+        nb = itm.neighbourhood(img, txt, ref, [sha_of.get(u) or u for u in flat], icfg.neighbours, seed=icfg.seed)
+    if up:
+        state, stats = old["state_dict"], old["stats"]
     else:
         state, stats = itm.train_head(img[rows], txt[rows], [text_of.get(u, "") for u in flat[rows]], icfg,
                                       nb=nb, rows=rows)
@@ -460,14 +469,23 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
                         "embeddings_model_id": s["model_id"], "stats": stats,
                         "features": "[i, t, i*t, |i-t|]" + (f" + {list(itm.AGREEMENT_FEATURES)}" if nb else ""),
                         "train_digest": digest}, tmp)
-        up = False
     agree = None if nb is None else itm.agreement(nb, np.arange(len(flat)), np.arange(len(flat)))
     sc = itm.score(state, img.shape[1], icfg.hidden, img, txt, agree)
-    sid = itm.scores_id(s["arch"], cfg.head_path)
+    if not up:  # a retrained head is a new file, so a new scores id
+        sid = itm.scores_id(s["arch"], cfg.head_path)
     folder = itm.write_scores(cfg.pool, sid, files, uids, {itm.SCORE_COLUMN: sc},
-                              {"curate.embeddings_model_id": s["model_id"], "curate.scorer": str(cfg.head_path)})
+                              {"curate.embeddings_model_id": s["model_id"], "curate.scorer": str(cfg.head_path),
+                               itm.SCORE_DIGEST_KEY: score_digest})
+    return _itm_summary(cfg, s, sid, folder, stats, icfg, up, t0, scored=True)
+
+
+def _itm_summary(cfg: ScorerConfig, s: dict, sid: str, folder: Path, stats: dict, icfg, up: bool, t0: float,
+                 scored: bool) -> dict:
+    from curate.run import itm
+
     return {"scores_model_id": sid, "scores": str(folder), "itm_head": str(cfg.head_path),
-            "itm": {**stats, "config": asdict(icfg), "up_to_date": up, "seconds": round(time.perf_counter() - t0, 1)},
+            "itm": {**stats, "config": asdict(icfg), "up_to_date": up, "scored": scored,
+                    "seconds": round(time.perf_counter() - t0, 1)},
             "up_to_date": bool(s.get("up_to_date") and up),
             "score_step": f"score: {{model: {s['arch']}-itm, column: {itm.SCORE_COLUMN}, keep_top_fraction: 0.3}}"}
 

@@ -80,7 +80,20 @@ def test_itm_variant_end_to_end_and_held_out_rows_never_train(itm_run):
     for col in rep["columns"].values():
         assert col["heldout_only"] and col["rows"] <= len(held)
         assert "caption_swap" in col["kinds"] and all("random_auc" in k for k in col["kinds"].values())
-    assert train_scorer(ScorerConfig(**{**cfg.__dict__}))["up_to_date"]  # nothing changed: nothing retrained
+    files = sorted(Path(s["scores"]).glob("*.parquet"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = train_scorer(ScorerConfig(**{**cfg.__dict__}))
+    assert again["up_to_date"]  # nothing changed: nothing retrained ...
+    assert again["itm"]["scored"] is False and again["scores"] == s["scores"]  # ... and nothing rescored
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    # scores written for other inputs are not current: a changed digest in one footer makes the next run rescore
+    t = pq.read_table(files[0])
+    meta = dict(t.schema.metadata)
+    meta[b"curate.score_digest"] = b"stale"
+    atomic.write_parquet(files[0], t.replace_schema_metadata(meta))
+    third = train_scorer(ScorerConfig(**{**cfg.__dict__}))
+    assert third["up_to_date"] and third["itm"]["scored"] is True
+    assert pq.read_table(files[0])["itm_score"].equals(t["itm_score"])  # the same head gives the same scores
 
 
 def _score_recipe(tmp: Path, column: str, frac: float = 0.5) -> Path:

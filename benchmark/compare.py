@@ -232,7 +232,7 @@ def _groups(keys: list[str]) -> dict[str, list[int]]:
 
 def paired_cells(a: Seed, b: Seed, key: str):
     """PairedCells (B - A) of one task from both models' per-item files, aligned by item key."""
-    from benchmark.evaluate import main_metric_cells, read_items
+    from benchmark.evaluate import main_metric_cells, read_items, task_as_scored
     from benchmark.tasks import TASKS
 
     if key not in TASKS:
@@ -250,7 +250,7 @@ def paired_cells(a: Seed, b: Seed, key: str):
     oa, ob = np.argsort(ia["key"], kind="stable"), np.argsort(ib["key"], kind="stable")
     if len(oa) != len(ob) or not np.array_equal(ia["key"][oa], ib["key"][ob]):
         raise CurateError(f"{key}: the two per-item files hold different items; compare needs the same eval set")
-    task = TASKS[key]
+    task = task_as_scored(TASKS[key], a.results[key])  # shared_tasks admits a key only when both sides agree
     stat, ca = main_metric_cells(task, ia)
     _, cb = main_metric_cells(task, ib)
     return S.PairedCells.of(stat, np.asarray(cb)[ob], np.asarray(ca)[oa])

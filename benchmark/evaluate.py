@@ -543,6 +543,16 @@ def read_items(results_file: Path, key: str, model_id: str | None = None) -> tup
     return cols, meta
 
 
+def task_as_scored(task: Task, line: dict) -> Task:
+    """`task` with the main metric its result line was scored by: a line written before the task's main metric
+    changed (suite v2: MRR since 2026-12-02) keeps its own, so item-level intervals and paired tests resample the
+    metric its value is, never the registry's newer one."""
+    import dataclasses
+
+    mm = line.get("main_metric")
+    return dataclasses.replace(task, main_metric=mm) if isinstance(mm, str) and mm != task.main_metric else task
+
+
 def main_metric_cells(task: Task, items: dict):
     """(benchmark.stats statistic, per-item columns) of `task`'s main metric from its per-item results:
     what `benchmark.stats` resamples for intervals and paired comparisons. Columns are in item order."""

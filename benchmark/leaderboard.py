@@ -216,7 +216,7 @@ def item_cells(results_file: Path, results: list[dict]) -> tuple[dict, dict]:
     """({key: stats.TaskCells}, {key: item metadata}) for the scored registered tasks of a results file that
     have per-item files (RUN/eval_results.items/ or BUNDLE/results.items/) of the same model."""
     from benchmark import stats as S
-    from benchmark.evaluate import items_path, main_metric_cells, read_items
+    from benchmark.evaluate import items_path, main_metric_cells, read_items, task_as_scored
     from benchmark.results import main_value
     from benchmark.tasks import TASKS
 
@@ -227,7 +227,7 @@ def item_cells(results_file: Path, results: list[dict]) -> tuple[dict, dict]:
             continue
         try:
             items, meta = read_items(results_file, key, model_id=r.get("model_id"))
-            stat, cols = main_metric_cells(TASKS[key], items)
+            stat, cols = main_metric_cells(task_as_scored(TASKS[key], r), items)
         except CurateError:
             continue
         cells[key] = S.TaskCells.of(stat, cols)

@@ -227,3 +227,18 @@ def test_mrr_item_cells_give_the_reported_mrr(world, key, mm):
     assert 0 < rec["metrics"][mm] <= 1
     iv = S.task_interval(cells, seed=0)
     assert iv.low <= iv.estimate <= iv.high and "bootstrap" in iv.method
+
+
+def test_an_old_line_keeps_its_own_main_metric_for_item_statistics(world):
+    """A result line scored before its task's main metric changed (suite v2 -> MRR) is resampled by the metric its
+    value is: the leaderboard's item cells give the line's own value back, not the registry's newer metric."""
+    from benchmark.evaluate import task_as_scored
+    from benchmark.leaderboard import item_cells
+
+    out = world["run"] / "eval_results.jsonl"
+    rec = read_results(out)["cifar10"]
+    assert task_as_scored(TASKS["cifar10"], rec) is TASKS["cifar10"]
+    old = {**rec, "main_metric": "mrr"}  # as if the registry had moved on from the metric this line names
+    assert task_as_scored(TASKS["cifar10"], old).main_metric == "mrr"
+    cells, _ = item_cells(out, [old])
+    assert cells["cifar10"].estimate == pytest.approx(rec["metrics"]["mrr"], abs=1e-12)

@@ -160,9 +160,9 @@ def mean_reciprocal_rank(ranks) -> float:
     """Mean over queries of 1 / (rank + 1) (rank 0 = the right answer first); rank -1 (a query without an
     answer: an image with no caption) counts 0.
 
-    Why suite v2 uses it as its main metric: on the laptop scale's weak models the right answer is rarely first
-    (top-1 sits at a few times chance), but it rises towards the top long before; the reciprocal rank counts
-    that rise, so it carries more of a recipe's effect per item than a 0/1 hit (perf/RESULTS.md, "MRR").
+    Suite v2's main metric: on the laptop scale's weak models the right answer is rarely first (top-1 sits at a
+    few times chance) but moves up the ranking before it gets there, and the reciprocal rank counts that move
+    (benchmark/tasks.py says what the evidence for the choice was, mixed as it is).
     """
     r = _as_np(ranks).astype(np.int64)
     if not len(r):

@@ -192,6 +192,8 @@ _OFFLINE: list[Task] = [
 # whole in perf/RESULTS.md ("Suite v2 scored by MRR"): re-scoring the first two experiments' runs, MRR separated
 # adversarial from no_filter 2.5-2.9x more in seed sds and CLIP-30% from random/no_filter 1.6-2.5x more, but
 # oracle from no_filter no better (emoji_heldout, 8 seeds: 1.5 vs 1.7 sds; five tasks, 3 seeds: 1.4 vs 4.8).
+# On the third run's 30 models (perf/mrr_experiment.py) both metrics separate the controls over the five-task
+# headline: oracle 2.2 seed sds either way, adversarial -2.5 (MRR) vs -2.0.
 _V2_TEMPLATES = "benchmark/evalsets.py TEMPLATES"
 
 

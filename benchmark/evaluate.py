@@ -566,7 +566,7 @@ def main_metric_cells(task: Task, items: dict):
         if mm == "mean_recall@1":
             per_caption, per_image = (cr < 1).astype(np.int64), (tr >= 0) & (tr < 1)
         else:  # reciprocal ranks: the same image-unit statistic over 1/(rank+1) instead of 0/1 hits
-            per_caption, per_image = 1.0 / (cr + 1.0), np.where(tr >= 0, 1.0 / (np.maximum(tr, 0) + 1.0), 0.0)
+            per_caption, per_image = M.reciprocal_ranks(cr), M.reciprocal_ranks(tr)
         bounds = np.concatenate([[0], np.cumsum(items["n_captions"])])
         hits = np.add.reduceat(per_caption, bounds[:-1]) \
             if len(cr) else np.zeros(len(bounds) - 1, dtype=np.int64)
@@ -579,7 +579,7 @@ def main_metric_cells(task: Task, items: dict):
     if mm == "acc1":
         return S.Proportion(), (items["rank"] < 1)[:, None]
     if mm == "mrr":
-        return S.Mean(), (1.0 / (items["rank"] + 1.0))[:, None]
+        return S.Mean(), M.reciprocal_ranks(items["rank"])[:, None]
     if mm == "mean_per_class_recall":
         return S.MeanPerClassRecall(), np.c_[items["target"], items["rank"] < 1]
     if mm == "F1-macro_all":

@@ -156,6 +156,13 @@ def retrieval_recall_from_ranks(caption_image_rank, image_caption_rank, ks=(1, 5
     return out
 
 
+def reciprocal_ranks(ranks) -> np.ndarray:
+    """Per query 1 / (rank + 1) (rank 0 = the right answer first); rank -1 (a query without an answer: an image
+    with no caption) gives 0."""
+    r = _as_np(ranks).astype(np.int64)
+    return np.where(r >= 0, 1.0 / (np.maximum(r, 0) + 1.0), 0.0)
+
+
 def mean_reciprocal_rank(ranks) -> float:
     """Mean over queries of 1 / (rank + 1) (rank 0 = the right answer first); rank -1 (a query without an
     answer: an image with no caption) counts 0.
@@ -164,10 +171,10 @@ def mean_reciprocal_rank(ranks) -> float:
     few times chance) but moves up the ranking before it gets there, and the reciprocal rank counts that move
     (benchmark/tasks.py says what the evidence for the choice was, mixed as it is).
     """
-    r = _as_np(ranks).astype(np.int64)
-    if not len(r):
+    rr = reciprocal_ranks(ranks)
+    if not len(rr):
         raise ValueError("mean_reciprocal_rank of no queries")
-    return float(np.where(r >= 0, 1.0 / (np.maximum(r, 0) + 1.0), 0.0).mean())
+    return float(rr.mean())
 
 
 def retrieval_mrr_from_ranks(caption_image_rank, image_caption_rank) -> dict:

@@ -117,24 +117,20 @@ class Statistic:
         return f"{type(self).__name__}()"
 
 
-class Proportion(Statistic):
-    """Accuracy (acc@1, acc@k): share of items right. Columns: (correct,)."""
-
-    name, columns, proportion = "proportion", ("correct",), True
-
-    def __call__(self, x, w):
-        w = np.asarray(w, dtype=np.float64)
-        return (w @ x[:, 0]) / w.sum(axis=1)
-
-
 class Mean(Statistic):
-    """Mean of a per-item value that is not 0/1 (the reciprocal rank of MRR). Columns: (value,)."""
+    """Mean of a per-item value (the reciprocal rank of MRR). Columns: (value,)."""
 
     name, columns = "mean", ("value",)
 
     def __call__(self, x, w):
         w = np.asarray(w, dtype=np.float64)
         return (w @ x[:, 0]) / w.sum(axis=1)
+
+
+class Proportion(Mean):
+    """Accuracy (acc@1, acc@k): the mean of 0/1 outcomes, so a Wilson interval applies. Columns: (correct,)."""
+
+    name, columns, proportion = "proportion", ("correct",), True
 
 
 class MeanPerClassRecall(Statistic):

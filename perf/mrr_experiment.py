@@ -158,20 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work.absolute()
     cal = FE.calibration(CALIBRATION)
     report = json.loads(args.report.read_text()) if args.report.is_file() else {}
-    if "preregistration" in report:
-        pilot_numbers = {k: v for k, v in report["preregistration"]["pilot"].items() if k not in PILOT}
-    else:
-        pilot_numbers = pilot(work, headline(cal))
     if args.pilot:
-        print(json.dumps(pilot(work, headline(cal)), indent=2))
-        emoji = ["offline_v2/emoji_heldout"]
+        numbers = {("headline tasks, seeds 0-2", "main"): pilot(work, headline(cal))}
+        print(json.dumps(numbers[("headline tasks, seeds 0-2", "main")], indent=2))
         print("\nseed-sd effects, the old main metric vs MRR (the same runs' item files):")
-        for label, tasks in (("headline tasks, seeds 0-2", headline(cal)), ("emoji_heldout, seeds 0-2 and 10-14", emoji)):
+        for label, tasks in (("headline tasks, seeds 0-2", headline(cal)),
+                             ("emoji_heldout, seeds 0-2 and 10-14", ["offline_v2/emoji_heldout"])):
             for m in ("v1", "main"):
-                c = pilot(work, tasks, m)["comparisons"]
+                c = (numbers.get((label, m)) or pilot(work, tasks, m))["comparisons"]
                 print(f"  {label:36s} {'top-1' if m == 'v1' else 'MRR':5s} " + "  ".join(
                     f"{k} {v['effect_in_sd']:+.2f}" for k, v in c.items()))
         return {}
+    if "preregistration" in report:  # a resumed run keeps the pilot numbers it registered
+        pilot_numbers = {k: v for k, v in report["preregistration"]["pilot"].items() if k not in PILOT}
+    else:
+        pilot_numbers = pilot(work, headline(cal))
     d = design(cal, pilot_numbers)
     extra = {"clip_itm_30pct": work / "subsets" / "clip_itm_30pct"} if args.pass_ == 2 else {}
     if args.pass_ == 2 and not (extra["clip_itm_30pct"] / "uids.npy").is_file():

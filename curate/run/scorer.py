@@ -445,7 +445,7 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
         except Exception:  # noqa: BLE001 - a damaged head is retrained
             old = None
     up = old is not None and old.get("train_digest") == digest
-    sid = itm.scores_id(s["arch"], cfg.head_path) if up else None
+    sid = itm.scores_id(s["arch"], cfg.head_path) if up else None  # a retrained head is a new file: set below
     # What the scores are a function of: the head (its training digest), the embeddings files and the pool's
     # metadata (the agreement features exclude byte-identical neighbours by sha256). When none changed, the
     # written scores are current and the neighbourhood search and scoring are skipped (a `curate demo` re-run).
@@ -471,8 +471,7 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
                         "train_digest": digest}, tmp)
     agree = None if nb is None else itm.agreement(nb, np.arange(len(flat)), np.arange(len(flat)))
     sc = itm.score(state, img.shape[1], icfg.hidden, img, txt, agree)
-    if not up:  # a retrained head is a new file, so a new scores id
-        sid = itm.scores_id(s["arch"], cfg.head_path)
+    sid = sid or itm.scores_id(s["arch"], cfg.head_path)
     folder = itm.write_scores(cfg.pool, sid, files, uids, {itm.SCORE_COLUMN: sc},
                               {"curate.embeddings_model_id": s["model_id"], "curate.scorer": str(cfg.head_path),
                                itm.SCORE_DIGEST_KEY: score_digest})

@@ -27,7 +27,7 @@ from filters.common import EmbeddingParams, column
 # The documented score columns (docs/FORMATS.md "Embeddings", "Scores"). The class declares them all (the
 # superset, which also tells the recipe loader that this step reads an embeddings folder); an instance reads
 # only its `column`.
-SCORE_COLUMNS = ("clip_score", "itm_score")
+SCORE_COLUMNS = ("clip_score", "itm_score", "match_score")
 
 
 @register

@@ -54,7 +54,9 @@ def test_offline_recipes_load_and_cite_datacomp():
 
     names = {n for n, (kind, _, _) in FE.ENTRIES.items() if kind == "recipe"}
     files = {p.stem: p for p in (ROOT / "recipes" / "offline").glob("*.yaml")}
-    assert names == set(files)
+    # every entry's recipe exists; a recipe outside the pre-registered entries is named here (match_30pct: scorer
+    # v2's match_score, added after the runs; perf/RESULTS.md "The pool matcher")
+    assert names <= set(files) and set(files) - names == {"match_30pct"}
     for name, p in files.items():
         r = load_recipe(p)
         assert r.name == name

@@ -395,7 +395,11 @@ def _write_itm_scores(pool: Path, model_id: str, dest: Path) -> None:
     files, uids, img, txt = itm.load_embeddings(pool, model_id)
     torch.manual_seed(0)
     head = itm.make_head(img.shape[1], 8).state_dict()
-    itm.write_scores(dest, f"{ARCH}-itm__000000000000", files, uids, {itm.SCORE_COLUMN: itm.score(head, img.shape[1], 8, img, txt)},
+    from curate.run.matcher import MATCH_COLUMN
+
+    cos = np.einsum("ij,ij->i", img, txt) / np.maximum(np.linalg.norm(img, axis=1) * np.linalg.norm(txt, axis=1), 1e-9)
+    itm.write_scores(dest, f"{ARCH}-itm__000000000000", files, uids,
+                     {itm.SCORE_COLUMN: itm.score(head, img.shape[1], 8, img, txt), MATCH_COLUMN: cos},
                      {"curate.embeddings_model_id": model_id, "curate.scorer": "head.pt"})
 
 

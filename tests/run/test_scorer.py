@@ -42,9 +42,11 @@ def itm_run(tmp_path_factory):
     truth = tmp / "truth.parquet"
     atomic.write_parquet(truth, pa.table({"uid": fp.all_uids, "source": source, "noise": noise}))
     from curate.run.itm import ItmConfig
+    from curate.run.matcher import MatcherConfig
 
     cfg = ScorerConfig(pool=fp.pool, out=tmp / "scorer.pt", truth=truth, scale="debug", device="cpu", workers=0,
-                       progress=False, variant="itm", itm=ItmConfig(hidden=32, epochs=2))  # seconds, not a good head
+                       progress=False, variant="itm", itm=ItmConfig(hidden=32, epochs=2),  # seconds, not a good head
+                       matcher=MatcherConfig(hidden=32, epochs=2, batch_size=32, buckets=1 << 12))
     s = train_scorer(cfg)
     return {"fp": fp, "truth": truth, "summary": s, "cfg": cfg, "tmp": tmp}
 
@@ -71,12 +73,23 @@ def test_itm_variant_end_to_end_and_held_out_rows_never_train(itm_run):
     # the head's score column, one per embedded row, readable by name
     scores = pq.read_table(s["scores"])
     emb = pq.read_table(fp.pool / "embeddings" / s["model_id"], columns=["uid"])
-    assert scores.column_names == ["uid", "itm_score"] and scores["uid"].to_pylist() == emb["uid"].to_pylist()
+    assert scores.column_names == ["uid", "itm_score", "match_score"]
+    assert scores["uid"].to_pylist() == emb["uid"].to_pylist()
     v = scores["itm_score"].to_numpy(zero_copy_only=False)
     assert np.all((v >= 0) & (v <= 1))
+    m = scores["match_score"].to_numpy(zero_copy_only=False)
+    assert np.all(np.isfinite(m) & (m >= -1.0001) & (m <= 1.0001))  # a cosine, for every embedded row
+    # the matcher trained on the embedded rows outside the held-out fifth only, cross-fitted in two halves
+    from curate.run.scorer import uid_fold
+
+    embedded = sorted(set(emb["uid"].to_pylist()))
+    folds = uid_fold(embedded)
+    assert s["matcher"]["rows"] == len(set(embedded) - held) and Path(s["matcher"]["checkpoint"]).is_file()
+    assert [p["rows"] for p in s["matcher"]["models"]] == [int(np.isin(folds, [1, 2, 3, 4]).sum() - (folds == f).sum())
+                                                            for f in (1, 2, 3, 4)]  # matcher f never sees fold f
     # the report: every score column, every recorded noise kind, a random baseline, held-out rows only
     rep = json.loads(Path(s["summary"]).read_text())["report"]
-    assert set(rep["columns"]) == {"clip_score", "itm_score"}
+    assert set(rep["columns"]) == {"clip_score", "itm_score", "match_score"}
     for col in rep["columns"].values():
         assert col["heldout_only"] and col["rows"] <= len(held)
         assert "caption_swap" in col["kinds"] and all("random_auc" in k for k in col["kinds"].values())
@@ -94,6 +107,7 @@ def test_itm_variant_end_to_end_and_held_out_rows_never_train(itm_run):
     third = train_scorer(ScorerConfig(**{**cfg.__dict__}))
     assert third["up_to_date"] and third["itm"]["scored"] is True
     assert pq.read_table(files[0])["itm_score"].equals(t["itm_score"])  # the same head gives the same scores
+    assert pq.read_table(files[0])["match_score"].equals(t["match_score"])  # the saved matcher, not a retrained one
 
 
 def _score_recipe(tmp: Path, column: str, frac: float = 0.5) -> Path:
@@ -233,3 +247,56 @@ def test_agreement_features_per_pair_exclude_the_pair_rows_and_identical_images(
     a = itm.agreement(nb, np.array([5]), np.array([6]))
     want = np.mean([tn[6] @ tn[j] for j in (7, 8, 9)])
     assert a[0, 1] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_token_matrix_is_a_mean_bag_with_words_and_trigrams_in_separate_halves():
+    from curate.run.matcher import token_matrix
+
+    x = token_matrix(["Calendar week", "calendar", "", None], 1 << 10)
+    assert x.shape == (4, 1 << 10)
+    np.testing.assert_allclose(np.asarray(x.sum(axis=1)).ravel(), [1, 1, 0, 0], atol=1e-6)
+    one = x[1].indices
+    assert (one < 512).sum() == 1 and (one >= 512).sum() >= 3  # "calendar": one word, its trigrams in the other half
+    assert set(one) <= set(x[0].indices)  # case-folded: the same tokens
+    assert x[0].nnz > x[1].nnz  # "week" and the bigram add tokens
+
+
+def test_matcher_learns_to_tell_swapped_captions_from_clean_ones_on_held_out_rows():
+    """Images whose pixels show one of 6 shapes, captions naming the shape in varied words: trained on 480 rows,
+    the matcher must rank 60 held-out rows' true captions above swapped ones (AUC > 0.9; chance 0.5)."""
+    from curate.run import matcher
+    from curate.run.scorer import roc_auc
+
+    rng = np.random.default_rng(0)
+    cfg = matcher.MatcherConfig(hidden=64, dim=32, epochs=30, batch_size=64, buckets=1 << 12, use_clip=False)
+    names = ["red circle", "blue square", "green triangle", "yellow star", "black arrow", "white cross"]
+    extra = ["icon", "outline", "filled", "24", "small", "bold", ""]
+    n = 600
+    cls = rng.integers(0, len(names), n)
+    protos = rng.integers(0, 256, (len(names), cfg.thumb_dims))
+    thumbs = np.clip(protos[cls] + rng.normal(0, 40, (n, cfg.thumb_dims)), 0, 255).astype(np.uint8)
+    texts = [f"{names[c]} {extra[rng.integers(len(extra))]}".strip() for c in cls]
+    found = np.ones(n, bool)
+    held = np.arange(n) >= 540
+    swapped = held & (rng.random(n) < 0.5)
+    for i in np.flatnonzero(swapped):  # a caption of another shape, as the offline pool's caption_swap does
+        texts[i] = names[(cls[i] + 1 + rng.integers(len(names) - 1)) % len(names)]
+    empty = np.zeros((n, 0), np.float32)
+    inp, _, _ = matcher.inputs(empty, empty, thumbs, found, texts, cfg, fit_rows=np.flatnonzero(~held))
+    state, stats = matcher.train(inp, np.flatnonzero(~held), cfg)
+    assert stats["rows"] == 540 and stats["steps"] == 30 * (540 // 64)
+    sc = matcher.score(state, inp, cfg)
+    assert roc_auc(~swapped[held], sc[held]) > 0.9
+
+
+def test_thumbnails_come_from_the_shards_and_an_undecodable_image_is_not_found(tmp_path):
+    from curate.run import matcher
+
+    fp = make_pool(tmp_path / "pool", n_shards=2, per_shard=10, corrupt=2, failed=1)
+    uids = np.array(sorted(fp.all_uids) + ["not-in-pool"], dtype=object)
+    cfg = matcher.MatcherConfig()
+    th, found = matcher.thumbnails(fp.pool, uids, cfg, workers=2)
+    assert th.shape == (len(uids), cfg.thumb_dims) and th.dtype == np.uint8
+    assert not found[-1] and not th[-1].any()
+    assert fp.corrupt_uids and {u for u, f in zip(uids, found) if f} == set(fp.success_uids()) - set(fp.corrupt_uids)
+    assert th[found].std() > 0  # real pixels, not zeros

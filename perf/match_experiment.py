@@ -60,15 +60,7 @@ def design(cal: dict) -> dict:
         "families": {"match": [f"{b} - {a}" for a, b in MATCH],
                      "replication": [f"{b} - {a}" for a, b in REPLICATION]},
         "control_size": f"floor({FE.FRACTION} x downloaded rows); draw seed {FE.CONTROL_SEED}",
-        "statistics": {"primary": "benchmark.compare seeds mode: two-sample t over seeds, pooled seed variance, 95%; "
-                                  "Holm within each family",
-                       "secondary": ["paired-by-seed t interval of the headline difference (95%)",
-                                     "item-level paired bootstrap per seed pair (benchmark.stats.paired_suite)"]},
-        "headline": f"mean MRR over the calibration-v2-admitted headline tasks with >= {ME.MIN_ITEMS} items",
-        "suite": {"headline": heads, "evaluated": cal["headline_admitted"],
-                  "calibration": {"file": ME.CALIBRATION.name, "rule": cal["rule"], "seeds": cal["seeds"],
-                                  "commit": cal.get("commit"), "created": cal.get("created")}},
-        "samples_seen": "fixed by the nano scale (40,960)",
+        **ME.measure(cal, heads),
     }
     d["digest"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
     return d

@@ -116,6 +116,21 @@ def headline(cal: dict) -> list[str]:
     return [k for k in cal["headline_admitted"] if items.get(k, 0) >= MIN_ITEMS]
 
 
+def measure(cal: dict, heads: list[str]) -> dict:
+    """The design fields of how a cell is scored and compared (this run's, and the later runs' that reuse them)."""
+    return {
+        "statistics": {"primary": "benchmark.compare seeds mode: two-sample t over seeds, pooled seed variance, 95%; "
+                                  "Holm within each family",
+                       "secondary": ["paired-by-seed t interval of the headline difference (95%)",
+                                     "item-level paired bootstrap per seed pair (benchmark.stats.paired_suite)"]},
+        "headline": f"mean MRR over the calibration-v2-admitted headline tasks with >= {MIN_ITEMS} items",
+        "suite": {"headline": heads, "evaluated": cal["headline_admitted"],
+                  "calibration": {"file": CALIBRATION.name, "rule": cal["rule"], "seeds": cal["seeds"],
+                                  "commit": cal.get("commit"), "created": cal.get("created")}},
+        "samples_seen": "fixed by the nano scale (40,960)",
+    }
+
+
 def design(cal: dict, pilot_numbers: dict) -> dict:
     heads = headline(cal)
     if not heads:
@@ -133,15 +148,7 @@ def design(cal: dict, pilot_numbers: dict) -> dict:
         "clip_itm_30pct_subset": "WORK/subsets/clip_itm_30pct as the first run built it (its scorer v2, seed 0)",
         "families": {"key": [f"{b} - {a}" for a, b in KEY], "clip": [f"{b} - {a}" for a, b in CLIP]},
         "control_size": f"floor({FE.FRACTION} x downloaded rows); draw seed {FE.CONTROL_SEED} (the first run's subsets)",
-        "statistics": {"primary": "benchmark.compare seeds mode: two-sample t over seeds, pooled seed variance, 95%; "
-                                  "Holm within each family",
-                       "secondary": ["paired-by-seed t interval of the headline difference (95%)",
-                                     "item-level paired bootstrap per seed pair (benchmark.stats.paired_suite)"]},
-        "headline": f"mean MRR over the calibration-v2-admitted headline tasks with >= {MIN_ITEMS} items",
-        "suite": {"headline": heads, "evaluated": cal["headline_admitted"],
-                  "calibration": {"file": CALIBRATION.name, "rule": cal["rule"], "seeds": cal["seeds"],
-                                  "commit": cal.get("commit"), "created": cal.get("created")}},
-        "samples_seen": "fixed by the nano scale (40,960)",
+        **measure(cal, heads),
     }
     d["digest"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
     return d

@@ -104,3 +104,28 @@ def test_the_mrr_design_uses_calibration_v2_fresh_seeds_and_two_holm_families():
     cal["runs"][0]["intervals"]["t/big"]["n"] = 999
     with pytest.raises(SystemExit, match="no admitted task"):
         X.design(cal, {})
+
+
+def test_the_match_design_takes_fresh_seeds_every_entry_s_recipe_and_two_holm_families():
+    """perf/match_experiment.py: seeds disjoint from all earlier runs and calibrations, the third run's headline,
+    recipes that exist and read the named score columns, and a locked design."""
+    from perf import confirm_experiment as CE
+    from perf import match_experiment as X
+    from perf import mrr_experiment as M
+
+    cal = {"headline_admitted": ["t/big", "t/small"], "rule": "r2", "seeds": [1001], "commit": "c",
+           "runs": [{"intervals": {"t/big": {"n": 1652}, "t/small": {"n": 747}}}]}
+    d = X.design(cal)
+    assert d["suite"]["headline"] == ["t/big"] and d["suite"] == M.design(cal, {})["suite"]
+    earlier = set(FE.PREREGISTRATION["seeds"]) | set(CE.SEEDS) | set(M.SEEDS) | {1000, 1001}
+    assert len(d["seeds"]) == 5 and not set(d["seeds"]) & earlier
+    assert d["families"]["match"] == ["match_30pct - no_filter", "match_30pct - random",
+                                      "match_30pct - clip_itm_30pct"]
+    from curate.filter.recipe import load_recipe
+
+    for name, column in (("match_30pct", "match_score"), ("clip_itm_30pct", "itm_score")):
+        step = load_recipe(ROOT / "recipes" / "offline" / f"{name}.yaml").steps[0]
+        assert step.params.column == column and step.params.keep_top_fraction == FE.FRACTION
+    report = FE.lock_design({}, d, "abc")
+    with pytest.raises(SystemExit, match="refuses to change"):
+        FE.lock_design(report, X.design({**cal, "rule": "other"}), "abc")

@@ -84,7 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
         subsets = {n: FE.recipe_subset(work, n, pretrained) for n in ("match_30pct", "clip_itm_30pct")}
         FE._save(args.report, report)  # the scorer record (its AUCs) beside the design
     report = CE.run_design(work, args.report, d, NAMES, MATCH, args.report_only, subsets=subsets)
-    report["comparisons_replication"] = FE.analyse(report, work, REPLICATION)
+    pre = report["preregistration"]
+    done = [s for s in pre["seeds"] if all(f"{n}/{s}" in report.get("cells", {}) for n in NAMES)]
+    if done != pre["seeds"]:  # stopped early by the clock: analyse the seeds every entry finished, say so
+        report["incomplete"] = {"seeds_analysed": done, "seeds_pending": [s for s in pre["seeds"] if s not in done]}
+        report = {**report, "preregistration": {**pre, "seeds": done}}
+        report["comparisons"] = FE.analyse(report, work, MATCH) if len(done) > 1 else []
+        report["preregistration"] = pre
+    else:
+        report.pop("incomplete", None)
+    report["comparisons_replication"] = FE.analyse({**report, "preregistration": {**pre, "seeds": done}}, work,
+                                                   REPLICATION) if len(done) > 1 else []
     FE._save(args.report, report)
     for c in report["comparisons"] + report["comparisons_replication"]:
         print(f"{c['comparison']}: {c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] p Holm {c['p_holm']:.3g} "

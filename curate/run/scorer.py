@@ -24,7 +24,7 @@ Variants (``--variant``):
   every pool row under POOL/embeddings/<arch>-itm__<hash>/ (docs/FORMATS.md "Scores"), which the ``score``
   filter selects by name. Beside it, ``match_score`` of the *pool matcher* (curate/run/matcher.py): a matcher
   trained on the non-held-out pool rows that reads the frozen CLIP vectors plus image thumbnails and hashed
-  caption tokens, which the tiny CLIP cannot spare capacity for (held-out caption-swap AUC 0.93 on the large
+  caption tokens, which the tiny CLIP cannot spare capacity for (held-out caption-swap AUC 0.92 on the large
   pool, against 0.76 for itm_score; perf/RESULTS.md). ``--no-matcher`` leaves it out. `curate demo` trains
   this variant.
 
@@ -445,6 +445,7 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
     flat = np.concatenate(uids)
     train_set = set(uidlib.decode(uidlib.load(cfg.work / "finetune" / "uids.npy")))
     valid = np.isfinite(img).all(axis=1) & np.isfinite(txt).all(axis=1)
+    outside = np.flatnonzero(valid & ~is_heldout(list(flat)))  # rows outside the held-out fifth, with vectors
     rows = np.flatnonzero(np.fromiter((u in train_set for u in flat), bool, count=len(flat)) & valid)
     if len(rows) < 16:
         raise CurateError(f"{cfg.pool}: only {len(rows)} trusted rows have embeddings; too few to train the ITM head")
@@ -473,7 +474,7 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
         from curate.run import matcher
 
         mcfg = cfg.matcher or matcher.MatcherConfig(seed=cfg.seed)
-        mrows = np.flatnonzero(valid & ~is_heldout(list(flat)))  # the matcher trains on the non-held-out pool
+        mrows = outside  # the matcher trains on the non-held-out pool
         mdigest = matcher.train_digest(list(flat[mrows]), mcfg, s["model_id"], sorted((cfg.pool / "shards").glob("*.tar")),
                                        hashlib.sha256("\n".join(texts).encode()).hexdigest())
     score_digest = itm.score_digest(digest + mdigest, files, sorted((cfg.pool / "metadata").glob("*.parquet")))
@@ -484,7 +485,7 @@ def _train_itm(cfg: ScorerConfig, s: dict) -> dict:
                             matcher_stats=mstats, mcfg=mcfg)
     nb = None
     if icfg.neighbours > 0:  # reference rows: outside the held-out fifth (see itm.py "Neighbourhood agreement")
-        ref = np.flatnonzero(valid & ~is_heldout(list(flat)))
+        ref = outside
         nb = itm.neighbourhood(img, txt, ref, [sha_of.get(u) or u for u in flat], icfg.neighbours, seed=icfg.seed)
     if up:
         state, stats = old["state_dict"], old["stats"]
